@@ -1,0 +1,609 @@
+//! The HTTP API without the HTTP: a request comes in as a plain `Req`, is routed by method and path,
+//! checked, handed to the store (reads) or the writer (writes), and answered with a `Resp` or an
+//! `Error`. No sockets and no tiny_http types here, so every route is unit-tested by calling `handle`.
+//!
+//! Values travel as the JSON text the client sent: a PUT checks the syntax and stores the text, a GET
+//! splices the stored text into the response without parsing it again.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+use crate::store::Store;
+use crate::writer::{Op, Outcome, WriteHandle};
+
+/// Longest key, in bytes of UTF-8.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest collection name, in bytes of UTF-8.
+pub const MAX_COLLECTION_BYTES: usize = 256;
+/// The collection used when a request names none.
+pub const DEFAULT_COLLECTION: &str = "default";
+
+/// The request methods kv distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Put,
+    Post,
+    Delete,
+    Other,
+}
+
+/// A request as the API sees it: the path and query still percent-encoded, the body already read.
+#[derive(Debug)]
+pub struct Req {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub body: Vec<u8>,
+}
+
+/// A successful answer: a status and a JSON body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Resp {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Resp {
+    fn ok(body: String) -> Resp {
+        Resp { status: 200, body }
+    }
+}
+
+/// What a handler may use: this worker's read connection and its way to the writer.
+pub struct Ctx<'a> {
+    pub store: &'a Store,
+    pub writer: &'a WriteHandle,
+}
+
+/// Routes one request and runs it.
+pub fn handle(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
+    let path = req
+        .path
+        .strip_prefix('/')
+        .ok_or_else(|| Error::bad_request("invalid_path", "the path must start with '/'"))?;
+    let (first, rest) = match path.split_once('/') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (path, None),
+    };
+    match (first, rest) {
+        ("health", None) => match req.method {
+            Method::Get | Method::Head => health(ctx),
+            _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
+        },
+        ("objects", None | Some("")) => match req.method {
+            Method::Get | Method::Head => list(req, ctx),
+            Method::Put => put(req, ctx),
+            _ => Err(Error::MethodNotAllowed {
+                allow: "GET, HEAD, PUT",
+            }),
+        },
+        ("objects", Some(encoded_key)) => match req.method {
+            Method::Get | Method::Head => get(req, ctx, encoded_key),
+            Method::Delete => delete(req, ctx, encoded_key),
+            _ => Err(Error::MethodNotAllowed {
+                allow: "GET, HEAD, DELETE",
+            }),
+        },
+        _ => Err(Error::not_found(
+            "not_found",
+            format!("no such path: {}", req.path),
+        )),
+    }
+}
+
+fn health(ctx: &Ctx<'_>) -> Result<Resp, Error> {
+    ctx.store.ping().map_err(Error::Unavailable)?;
+    Ok(Resp::ok(r#"{"status":"healthy"}"#.to_string()))
+}
+
+/// The body of `PUT /objects`. `present` keeps `"value": null` apart from a missing value.
+#[derive(Deserialize)]
+struct PutBody<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    key: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    value: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn put(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
+    let collection = collection(&req.query)?;
+    let text = json_text(&req.body)?;
+    let body: PutBody<'_> = object_from_str(text)?;
+    let key = key_from_json(body.key)?;
+    let value = body.value.ok_or_else(|| {
+        Error::bad_request(
+            "missing_value",
+            "the body has no \"value\" (use \"value\": null to store null)",
+        )
+    })?;
+    ctx.writer.write(Op::Put {
+        collection,
+        key: key.clone(),
+        value: value.get().to_string(),
+    })?;
+    Ok(Resp::ok(format!(
+        r#"{{"message":"Object stored successfully","key":{}}}"#,
+        json_string(&key)
+    )))
+}
+
+fn get(req: &Req, ctx: &Ctx<'_>, encoded_key: &str) -> Result<Resp, Error> {
+    let collection = collection(&req.query)?;
+    let key = key_from_path(encoded_key)?;
+    let value = ctx
+        .store
+        .get(&collection, &key)?
+        .ok_or_else(|| object_not_found(&key, &collection))?;
+    let key = json_string(&key);
+    let mut body = String::with_capacity(key.len() + value.len() + 20);
+    body.push_str(r#"{"key":"#);
+    body.push_str(&key);
+    body.push_str(r#","value":"#);
+    body.push_str(&value);
+    body.push('}');
+    Ok(Resp::ok(body))
+}
+
+fn list(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
+    let collection = collection(&req.query)?;
+    let mut objects = String::from("{");
+    let count = ctx.store.list(&collection, |key, value| {
+        if objects.len() > 1 {
+            objects.push(',');
+        }
+        objects.push_str(&json_string(key));
+        objects.push(':');
+        objects.push_str(value);
+    })?;
+    objects.push('}');
+    Ok(Resp::ok(format!(
+        r#"{{"count":{count},"objects":{objects}}}"#
+    )))
+}
+
+fn delete(req: &Req, ctx: &Ctx<'_>, encoded_key: &str) -> Result<Resp, Error> {
+    let collection = collection(&req.query)?;
+    let key = key_from_path(encoded_key)?;
+    let outcome = ctx.writer.write(Op::Delete {
+        collection: collection.clone(),
+        key: key.clone(),
+    })?;
+    if outcome != Outcome::Deleted(true) {
+        return Err(object_not_found(&key, &collection));
+    }
+    Ok(Resp::ok(format!(
+        r#"{{"message":"Object deleted successfully","key":{}}}"#,
+        json_string(&key)
+    )))
+}
+
+fn object_not_found(key: &str, collection: &str) -> Error {
+    Error::not_found(
+        "not_found",
+        format!("Object not found: no key {key:?} in collection {collection:?}"),
+    )
+}
+
+/// The request body as UTF-8 text, or a 400 that says what is wrong with it.
+fn json_text(body: &[u8]) -> Result<&str, Error> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::bad_request(
+            "invalid_json",
+            r#"the request body is empty; expected a JSON object like {"key": "k", "value": 1}"#,
+        ));
+    }
+    std::str::from_utf8(body)
+        .map_err(|_| Error::bad_request("invalid_json", "the request body is not valid UTF-8"))
+}
+
+/// Parses a JSON object into `T`. serde would also take a JSON array for a struct, so anything but
+/// an object is refused here, after a syntax check so that broken JSON is still called broken JSON.
+fn object_from_str<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, Error> {
+    if !text.trim_start().starts_with('{') {
+        let shape = serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map_err(|e| body_error(&e))
+            .err();
+        return Err(shape.unwrap_or_else(|| {
+            Error::bad_request("invalid_body", "the request body must be a JSON object")
+        }));
+    }
+    serde_json::from_str(text).map_err(|e| body_error(&e))
+}
+
+/// Tells a syntax error apart from valid JSON of the wrong shape.
+fn body_error(e: &serde_json::Error) -> Error {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => Error::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        ),
+        Category::Data => Error::bad_request(
+            "invalid_body",
+            format!(r#"the request body must be a JSON object with "key" and "value": {e}"#),
+        ),
+    }
+}
+
+fn key_from_json(raw: Option<&RawValue>) -> Result<String, Error> {
+    let raw = raw.ok_or_else(|| Error::bad_request("missing_key", "the body has no \"key\""))?;
+    let key: String = serde_json::from_str(raw.get())
+        .map_err(|_| Error::bad_request("invalid_key", "\"key\" must be a string"))?;
+    check_name("key", &key, MAX_KEY_BYTES, "invalid_key")?;
+    Ok(key)
+}
+
+fn key_from_path(encoded: &str) -> Result<String, Error> {
+    let key = percent_decode(encoded, false).ok_or_else(|| {
+        Error::bad_request(
+            "invalid_key",
+            "the key in the path is not validly percent-encoded UTF-8",
+        )
+    })?;
+    check_name("key", &key, MAX_KEY_BYTES, "invalid_key")?;
+    Ok(key)
+}
+
+/// The `collection` query parameter; absent or empty means `default`.
+fn collection(query: &str) -> Result<String, Error> {
+    let mut found = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(name, true).as_deref() != Some("collection") {
+            continue;
+        }
+        if found.is_some() {
+            return Err(Error::bad_request(
+                "invalid_collection",
+                "the collection parameter is given more than once",
+            ));
+        }
+        found = Some(percent_decode(value, true).ok_or_else(|| {
+            Error::bad_request(
+                "invalid_collection",
+                "the collection parameter is not validly percent-encoded UTF-8",
+            )
+        })?);
+    }
+    match found {
+        None => Ok(DEFAULT_COLLECTION.to_string()),
+        Some(name) if name.is_empty() => Ok(DEFAULT_COLLECTION.to_string()),
+        Some(name) => {
+            check_name(
+                "collection name",
+                &name,
+                MAX_COLLECTION_BYTES,
+                "invalid_collection",
+            )?;
+            Ok(name)
+        }
+    }
+}
+
+/// Keys and collection names: non-empty UTF-8 without control characters, up to `max` bytes.
+fn check_name(what: &str, name: &str, max: usize, code: &'static str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::bad_request(
+            code,
+            format!("the {what} must not be empty"),
+        ));
+    }
+    if name.len() > max {
+        return Err(Error::bad_request(
+            code,
+            format!(
+                "the {what} is {} bytes long; the limit is {max}",
+                name.len()
+            ),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::bad_request(
+            code,
+            format!("the {what} must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes `%XX` escapes (and, in a query, `+` as a space). `None` for a bad escape or bad UTF-8.
+fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A string as a JSON string literal.
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Sync;
+    use crate::writer::Writer;
+    use serde_json::{Value, json};
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        store: Store,
+        writer: Option<Writer>,
+        handle: Option<WriteHandle>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("kv.sqlite3");
+            let mut w = Store::open(&path, Sync::Normal).unwrap();
+            w.migrate().unwrap();
+            let writer = Writer::start(w).unwrap();
+            let handle = writer.handle();
+            Harness {
+                store: Store::open(&path, Sync::Normal).unwrap(),
+                _dir: dir,
+                writer: Some(writer),
+                handle: Some(handle),
+            }
+        }
+
+        fn call(&self, method: Method, target: &str, body: &str) -> (u16, Value) {
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let req = Req {
+                method,
+                path: path.to_string(),
+                query: query.to_string(),
+                body: body.as_bytes().to_vec(),
+            };
+            let ctx = Ctx {
+                store: &self.store,
+                writer: self.handle.as_ref().unwrap(),
+            };
+            match handle(&req, &ctx) {
+                Ok(resp) => (resp.status, serde_json::from_str(&resp.body).unwrap()),
+                Err(e) => (e.status(), serde_json::from_str(&e.body()).unwrap()),
+            }
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.handle.take();
+            self.writer.take().unwrap().stop();
+        }
+    }
+
+    #[test]
+    fn put_get_list_delete() {
+        let h = Harness::new();
+        let (status, body) = h.call(
+            Method::Put,
+            "/objects",
+            r#"{"key":"user_123","value":{"name":"John Doe","age":30}}"#,
+        );
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            json!({"message":"Object stored successfully","key":"user_123"})
+        );
+        let (status, body) = h.call(Method::Get, "/objects/user_123", "");
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            json!({"key":"user_123","value":{"name":"John Doe","age":30}})
+        );
+        let (_, body) = h.call(Method::Get, "/objects", "");
+        assert_eq!(
+            body,
+            json!({"count":1,"objects":{"user_123":{"name":"John Doe","age":30}}})
+        );
+        let (status, body) = h.call(Method::Delete, "/objects/user_123", "");
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            json!({"message":"Object deleted successfully","key":"user_123"})
+        );
+        let (status, body) = h.call(Method::Delete, "/objects/user_123", "");
+        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+        let (status, _) = h.call(Method::Get, "/objects/user_123", "");
+        assert_eq!(status, 404);
+    }
+
+    #[test]
+    fn collections_are_isolated_and_default_when_empty() {
+        let h = Harness::new();
+        h.call(
+            Method::Put,
+            "/objects?collection=a",
+            r#"{"key":"b:c","value":1}"#,
+        );
+        h.call(
+            Method::Put,
+            "/objects?collection=a:b",
+            r#"{"key":"c","value":2}"#,
+        );
+        h.call(
+            Method::Put,
+            "/objects?collection=",
+            r#"{"key":"d","value":3}"#,
+        );
+        assert_eq!(
+            h.call(Method::Get, "/objects/b:c?collection=a", "").1["value"],
+            1
+        );
+        assert_eq!(
+            h.call(Method::Get, "/objects/c?collection=a%3Ab", "").1["value"],
+            2
+        );
+        assert_eq!(h.call(Method::Get, "/objects/c?collection=a", "").0, 404);
+        assert_eq!(h.call(Method::Get, "/objects/d", "").1["value"], 3);
+        assert_eq!(
+            h.call(Method::Get, "/objects/d?collection=default", "").1["value"],
+            3
+        );
+        assert_eq!(
+            h.call(Method::Get, "/objects?collection=nope", "").1,
+            json!({"count":0,"objects":{}})
+        );
+    }
+
+    #[test]
+    fn path_keys_are_percent_decoded_but_plus_stays() {
+        let h = Harness::new();
+        for key in ["a/b", "a b", "a+b", "ü", ".", ".."] {
+            let body = json!({"key": key, "value": key}).to_string();
+            assert_eq!(h.call(Method::Put, "/objects", &body).0, 200);
+        }
+        assert_eq!(h.call(Method::Get, "/objects/a%2Fb", "").1["value"], "a/b");
+        assert_eq!(h.call(Method::Get, "/objects/a%20b", "").1["value"], "a b");
+        assert_eq!(h.call(Method::Get, "/objects/a+b", "").1["value"], "a+b");
+        assert_eq!(h.call(Method::Get, "/objects/%C3%BC", "").1["value"], "ü");
+        assert_eq!(h.call(Method::Get, "/objects/%2E%2E", "").1["value"], "..");
+        assert_eq!(h.call(Method::Get, "/objects/%zz", "").0, 400);
+        assert_eq!(h.call(Method::Get, "/objects/%FF", "").0, 400);
+    }
+
+    #[test]
+    fn every_bad_put_body_is_a_400_with_its_code() {
+        let h = Harness::new();
+        for (body, code) in [
+            ("", "invalid_json"),
+            ("  \n", "invalid_json"),
+            ("{", "invalid_json"),
+            ("{\"key\":\"a\",\"value\":1} x", "invalid_json"),
+            ("[1,2]", "invalid_body"),
+            ("\"key\"", "invalid_body"),
+            (r#"{"value":1}"#, "missing_key"),
+            (r#"{"key":"a"}"#, "missing_value"),
+            (r#"{"key":1,"value":1}"#, "invalid_key"),
+            (r#"{"key":null,"value":1}"#, "invalid_key"),
+            (r#"{"key":"","value":1}"#, "invalid_key"),
+            (r#"{"key":"a\nb","value":1}"#, "invalid_key"),
+            (r#"{"key":"a\u0000","value":1}"#, "invalid_key"),
+            (r#"{"key":"a","key":"b","value":1}"#, "invalid_body"),
+        ] {
+            let (status, resp) = h.call(Method::Put, "/objects", body);
+            assert_eq!(
+                (status, resp["code"].as_str()),
+                (400, Some(code)),
+                "{body:?}: {resp}"
+            );
+            assert!(resp["error"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+        let long = "k".repeat(MAX_KEY_BYTES + 1);
+        let (status, resp) = h.call(
+            Method::Put,
+            "/objects",
+            &json!({"key": long, "value": 1}).to_string(),
+        );
+        assert_eq!((status, resp["code"].as_str()), (400, Some("invalid_key")));
+        let (status, _) = h.call(
+            Method::Put,
+            "/objects",
+            &json!({"key": "k".repeat(MAX_KEY_BYTES), "value": 1}).to_string(),
+        );
+        assert_eq!(status, 200);
+        let long = "c".repeat(MAX_COLLECTION_BYTES + 1);
+        let (status, resp) = h.call(
+            Method::Put,
+            &format!("/objects?collection={long}"),
+            r#"{"key":"a","value":1}"#,
+        );
+        assert_eq!(
+            (status, resp["code"].as_str()),
+            (400, Some("invalid_collection"))
+        );
+        let (status, _) = h.call(
+            Method::Put,
+            "/objects?collection=a&collection=b",
+            r#"{"key":"a","value":1}"#,
+        );
+        assert_eq!(status, 400);
+    }
+
+    #[test]
+    fn null_and_extra_fields_are_fine() {
+        let h = Harness::new();
+        assert_eq!(
+            h.call(
+                Method::Put,
+                "/objects",
+                r#"{"key":"n","value":null,"ttl":5}"#
+            )
+            .0,
+            200
+        );
+        let (status, body) = h.call(Method::Get, "/objects/n", "");
+        assert_eq!(status, 200);
+        assert_eq!(body, json!({"key":"n","value":null}));
+    }
+
+    #[test]
+    fn values_round_trip_as_sent() {
+        let h = Harness::new();
+        let value = r#"{"pi":3.14159,"big":9007199254740993,"s":"ü\"\\","deep":[[[[{"a":[]}]]]],"t":true,"f":false,"n":null}"#;
+        h.call(
+            Method::Put,
+            "/objects",
+            &format!(r#"{{"key":"v","value":{value}}}"#),
+        );
+        let req = Req {
+            method: Method::Get,
+            path: "/objects/v".into(),
+            query: String::new(),
+            body: vec![],
+        };
+        let ctx = Ctx {
+            store: &h.store,
+            writer: h.handle.as_ref().unwrap(),
+        };
+        let resp = handle(&req, &ctx).unwrap();
+        assert_eq!(resp.body, format!(r#"{{"key":"v","value":{value}}}"#));
+    }
+
+    #[test]
+    fn unknown_paths_and_wrong_methods() {
+        let h = Harness::new();
+        assert_eq!(h.call(Method::Get, "/nope", "").0, 404);
+        assert_eq!(h.call(Method::Get, "/health/x", "").0, 404);
+        assert_eq!(h.call(Method::Get, "/", "").0, 404);
+        assert_eq!(h.call(Method::Post, "/health", "").0, 405);
+        assert_eq!(h.call(Method::Delete, "/objects", "").0, 405);
+        assert_eq!(h.call(Method::Post, "/objects/a", "").0, 405);
+        assert_eq!(
+            h.call(Method::Other, "/objects/a", "").1["code"],
+            "method_not_allowed"
+        );
+        assert_eq!(
+            h.call(Method::Get, "/health", "").1,
+            json!({"status":"healthy"})
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Settings, read once at startup from the environment and the command line, validated, then frozen.
+//!
+//! Environment variables keep the names of the design the API comes from (`PORT`, `DB_PATH`); every
+//! other setting is `KV_` + the field name. Flags override the environment. Parsing takes the
+//! environment as a function so the tests need not touch the process environment.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Default TCP port.
+pub const DEFAULT_PORT: u16 = 3300;
+/// Default listen address: loopback, because there is no authentication.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+/// Default data directory.
+pub const DEFAULT_DB_PATH: &str = "./data";
+/// Default request body limit (16 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// SQLite cannot store a value over 1,000,000,000 bytes, so no body may be larger.
+pub const MAX_MAX_BODY_BYTES: usize = 1_000_000_000;
+/// Default worker threads (see README, Performance, for the measurement behind it).
+pub const DEFAULT_WORKERS: usize = 8;
+/// Default idle/stalled socket timeout.
+pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
+
+/// How hard a commit is pushed to disk before the client hears 200.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sync {
+    /// `synchronous=FULL`: a 200 survives power loss.
+    Full,
+    /// `synchronous=NORMAL`: a 200 survives a crash of kv, but the last commits may be lost on power loss.
+    Normal,
+}
+
+impl fmt::Display for Sync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sync::Full => "full",
+            Sync::Normal => "normal",
+        })
+    }
+}
+
+/// The validated settings of one run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub db_path: PathBuf,
+    pub sync: Sync,
+    pub workers: usize,
+    pub max_body_bytes: usize,
+    pub io_timeout_secs: u64,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run(Config),
+    Help,
+    Version,
+}
+
+/// The `--help` text; also the list of environment variables the NixOS module may set.
+pub const HELP: &str = "\
+kv: a small, durable key-value store with an HTTP/JSON API
+
+Usage: kv [--port PORT] [--host HOST] [--db-path DIR]
+       kv --help | --version
+
+Options (override the environment):
+  --port PORT      TCP port to listen on; 0 picks a free one            [env PORT, default 3300]
+  --host HOST      address to listen on; 0.0.0.0 serves the network     [env KV_HOST, default 127.0.0.1]
+  --db-path DIR    data directory, holds kv.sqlite3; created if missing  [env DB_PATH, default ./data]
+  -h, --help       print this help
+  -V, --version    print the version
+
+Environment:
+  PORT                 see --port
+  KV_HOST              see --host
+  DB_PATH              see --db-path
+  KV_SYNC              full (default): a 200 survives power loss; normal: it survives a crash of kv only
+  KV_WORKERS           request worker threads (default 8)
+  KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
+  KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
+  RUST_LOG             log filter: error, warn, info (default), debug (one line per request)
+";
+
+impl Config {
+    /// Parses the environment (looked up through `env`) and the arguments after the program name.
+    pub fn parse(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<Command, String> {
+        let mut port = env("PORT");
+        let mut host = env("KV_HOST");
+        let mut db_path = env("DB_PATH");
+        let mut rest = args.iter();
+        while let Some(arg) = rest.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
+                _ => (arg.as_str(), None),
+            };
+            let slot = match flag {
+                "-h" | "--help" => return Ok(Command::Help),
+                "-V" | "--version" => return Ok(Command::Version),
+                "--port" => &mut port,
+                "--host" => &mut host,
+                "--db-path" => &mut db_path,
+                _ => return Err(format!("unknown argument '{arg}' (see kv --help)")),
+            };
+            let value = match inline {
+                Some(value) => value,
+                None => rest
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| format!("{flag} needs a value"))?,
+            };
+            *slot = Some(value);
+        }
+
+        let config = Config {
+            host: match host {
+                Some(h) if h.trim().is_empty() => return Err("KV_HOST must not be empty".into()),
+                Some(h) => h.trim().to_string(),
+                None => DEFAULT_HOST.to_string(),
+            },
+            port: parse_number("PORT", port, DEFAULT_PORT, 0, u16::MAX)?,
+            db_path: match db_path {
+                Some(p) if p.is_empty() => return Err("DB_PATH must not be empty".into()),
+                Some(p) => PathBuf::from(p),
+                None => PathBuf::from(DEFAULT_DB_PATH),
+            },
+            sync: match env("KV_SYNC").as_deref().map(str::trim) {
+                None | Some("") => Sync::Full,
+                Some(s) if s.eq_ignore_ascii_case("full") => Sync::Full,
+                Some(s) if s.eq_ignore_ascii_case("normal") => Sync::Normal,
+                Some(other) => {
+                    return Err(format!("KV_SYNC must be 'full' or 'normal', not '{other}'"));
+                }
+            },
+            workers: parse_number("KV_WORKERS", env("KV_WORKERS"), DEFAULT_WORKERS, 1, 1024)?,
+            max_body_bytes: parse_number(
+                "KV_MAX_BODY_BYTES",
+                env("KV_MAX_BODY_BYTES"),
+                DEFAULT_MAX_BODY_BYTES,
+                1,
+                MAX_MAX_BODY_BYTES,
+            )?,
+            io_timeout_secs: parse_number(
+                "KV_IO_TIMEOUT_SECS",
+                env("KV_IO_TIMEOUT_SECS"),
+                DEFAULT_IO_TIMEOUT_SECS,
+                1,
+                86_400,
+            )?,
+        };
+        Ok(Command::Run(config))
+    }
+
+    /// Reads the real process environment.
+    pub fn from_process(args: &[String]) -> Result<Command, String> {
+        Config::parse(|name| std::env::var(name).ok(), args)
+    }
+
+    /// The SQLite file inside the data directory.
+    pub fn db_file(&self) -> PathBuf {
+        self.db_path.join("kv.sqlite3")
+    }
+}
+
+fn parse_number<T>(name: &str, raw: Option<String>, default: T, min: T, max: T) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Ok(default);
+    }
+    match trimmed.parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        _ => Err(format!(
+            "{name} must be a whole number from {min} to {max}, not '{raw}'"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(env: &[(&str, &str)], args: &[&str]) -> Result<Command, String> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Config::parse(|name| env.get(name).cloned(), &args)
+    }
+
+    fn config(env: &[(&str, &str)], args: &[&str]) -> Config {
+        match parse(env, args) {
+            Ok(Command::Run(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_embedded() {
+        let c = config(&[], &[]);
+        assert_eq!(c.host, "127.0.0.1");
+        assert_eq!(c.port, 3300);
+        assert_eq!(c.db_path, PathBuf::from("./data"));
+        assert_eq!(c.db_file(), PathBuf::from("./data/kv.sqlite3"));
+        assert_eq!(c.sync, Sync::Full);
+        assert_eq!(c.workers, DEFAULT_WORKERS);
+        assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.io_timeout_secs, 30);
+    }
+
+    #[test]
+    fn environment_is_read() {
+        let c = config(
+            &[
+                ("PORT", "0"),
+                ("KV_HOST", "0.0.0.0"),
+                ("DB_PATH", "/var/lib/kv"),
+                ("KV_SYNC", "normal"),
+                ("KV_WORKERS", "3"),
+                ("KV_MAX_BODY_BYTES", "1024"),
+                ("KV_IO_TIMEOUT_SECS", "5"),
+            ],
+            &[],
+        );
+        assert_eq!(c.port, 0);
+        assert_eq!(c.host, "0.0.0.0");
+        assert_eq!(c.db_path, PathBuf::from("/var/lib/kv"));
+        assert_eq!(c.sync, Sync::Normal);
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.max_body_bytes, 1024);
+        assert_eq!(c.io_timeout_secs, 5);
+    }
+
+    #[test]
+    fn flags_override_environment() {
+        let c = config(
+            &[("PORT", "1"), ("KV_HOST", "::1"), ("DB_PATH", "/a")],
+            &["--port", "4000", "--host=0.0.0.0", "--db-path", "/b"],
+        );
+        assert_eq!(c.port, 4000);
+        assert_eq!(c.host, "0.0.0.0");
+        assert_eq!(c.db_path, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse(&[], &["--help"]), Ok(Command::Help));
+        assert_eq!(parse(&[], &["-h"]), Ok(Command::Help));
+        assert_eq!(parse(&[], &["--version"]), Ok(Command::Version));
+        assert_eq!(parse(&[], &["-V"]), Ok(Command::Version));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_name() {
+        for (env, needle) in [
+            (("PORT", "abc"), "PORT"),
+            (("PORT", "70000"), "PORT"),
+            (("PORT", "-1"), "PORT"),
+            (("KV_SYNC", "sometimes"), "KV_SYNC"),
+            (("KV_WORKERS", "0"), "KV_WORKERS"),
+            (("KV_MAX_BODY_BYTES", "2000000000"), "KV_MAX_BODY_BYTES"),
+            (("KV_IO_TIMEOUT_SECS", "0"), "KV_IO_TIMEOUT_SECS"),
+            (("DB_PATH", ""), "DB_PATH"),
+        ] {
+            let err = parse(&[env], &[]).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+        assert!(
+            parse(&[], &["--port"])
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            parse(&[], &["--frobnicate"])
+                .unwrap_err()
+                .contains("unknown")
+        );
+    }
+
+    #[test]
+    fn help_documents_every_variable() {
+        for name in [
+            "PORT",
+            "KV_HOST",
+            "DB_PATH",
+            "KV_SYNC",
+            "KV_WORKERS",
+            "KV_MAX_BODY_BYTES",
+            "KV_IO_TIMEOUT_SECS",
+            "RUST_LOG",
+        ] {
+            assert!(HELP.contains(name), "{name} missing from --help");
+        }
+    }
+}

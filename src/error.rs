@@ -1,0 +1,164 @@
+//! The one error type of the request path, and how each kind maps to an HTTP status and a JSON body.
+//!
+//! Client mistakes carry a stable snake_case `code` for scripts and a sentence for people; storage
+//! failures become a 500 whose body says only "internal error" while the cause goes to the log.
+
+use std::fmt;
+
+/// Everything a request can fail with.
+#[derive(Debug)]
+pub enum Error {
+    /// 400: the request is malformed; `index` names the offending batch op, if any.
+    BadRequest {
+        code: &'static str,
+        message: String,
+        index: Option<usize>,
+    },
+    /// 404: no such object, collection or route.
+    NotFound { code: &'static str, message: String },
+    /// 405: the path exists but not with this method; `allow` lists the methods it takes.
+    MethodNotAllowed { allow: &'static str },
+    /// 413: the body or the batch is over its limit.
+    TooLarge { code: &'static str, message: String },
+    /// 408: the client stopped sending its body.
+    Timeout,
+    /// 500: SQLite failed; the cause is logged, never sent.
+    Storage(rusqlite::Error),
+    /// 503: the database cannot be read (for `/health`); the cause is logged.
+    Unavailable(rusqlite::Error),
+    /// 500: a bug (a handler panicked or a thread vanished); the cause is logged, never sent.
+    Internal(String),
+}
+
+impl Error {
+    /// A 400 with the given code and sentence.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Error {
+        Error::BadRequest {
+            code,
+            message: message.into(),
+            index: None,
+        }
+    }
+
+    /// A 404 with the given code and sentence.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Error {
+        Error::NotFound {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 500 for a caught panic, keeping its message for the log.
+    pub fn from_panic(panic: Box<dyn std::any::Any + Send>) -> Error {
+        let message = match panic.downcast::<String>() {
+            Ok(s) => *s,
+            Err(panic) => match panic.downcast::<&str>() {
+                Ok(s) => s.to_string(),
+                Err(_) => "unknown payload".to_string(),
+            },
+        };
+        Error::Internal(format!("panicked: {message}"))
+    }
+
+    /// The HTTP status code for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::BadRequest { .. } => 400,
+            Error::NotFound { .. } => 404,
+            Error::MethodNotAllowed { .. } => 405,
+            Error::Timeout => 408,
+            Error::TooLarge { .. } => 413,
+            Error::Storage(_) | Error::Internal(_) => 500,
+            Error::Unavailable(_) => 503,
+        }
+    }
+
+    /// The stable token scripts branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BadRequest { code, .. }
+            | Error::NotFound { code, .. }
+            | Error::TooLarge { code, .. } => code,
+            Error::MethodNotAllowed { .. } => "method_not_allowed",
+            Error::Timeout => "request_timeout",
+            Error::Storage(_) | Error::Internal(_) => "internal_error",
+            Error::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The JSON body sent to the client: `{"error": "...", "code": "..."}` (plus `index` for batches).
+    pub fn body(&self) -> String {
+        let message = match self {
+            Error::BadRequest { message, .. }
+            | Error::NotFound { message, .. }
+            | Error::TooLarge { message, .. } => message.as_str(),
+            Error::MethodNotAllowed { .. } => "method not allowed on this path",
+            Error::Timeout => "timed out reading the request body",
+            Error::Storage(_) | Error::Internal(_) => "internal error",
+            Error::Unavailable(_) => "database unavailable",
+        };
+        let mut body = serde_json::json!({ "error": message, "code": self.code() });
+        if let Error::BadRequest {
+            index: Some(index), ..
+        } = self
+        {
+            body["index"] = (*index).into();
+        }
+        body.to_string()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Storage(e) => write!(f, "storage error: {e}"),
+            Error::Unavailable(e) => write!(f, "database unavailable: {e}"),
+            Error::Internal(cause) => write!(f, "internal error: {cause}"),
+            other => write!(f, "{} ({})", other.status(), other.code()),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        Error::Storage(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_carry_their_sentence_and_code() {
+        let e = Error::bad_request("invalid_key", "key must not be empty");
+        assert_eq!(e.status(), 400);
+        let body: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": "key must not be empty", "code": "invalid_key"})
+        );
+    }
+
+    #[test]
+    fn batch_errors_name_the_op() {
+        let e = Error::BadRequest {
+            code: "invalid_op",
+            message: "unknown op".into(),
+            index: Some(2),
+        };
+        let body: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(body["index"], 2);
+    }
+
+    #[test]
+    fn storage_errors_hide_their_cause() {
+        let e = Error::from(rusqlite::Error::InvalidQuery);
+        assert_eq!(e.status(), 500);
+        assert_eq!(
+            e.body(),
+            r#"{"code":"internal_error","error":"internal error"}"#
+        );
+        assert!(e.to_string().contains("storage error"));
+    }
+}

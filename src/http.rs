@@ -1,0 +1,365 @@
+//! The HTTP side: the listening socket and its options, the connection threads, the worker threads,
+//! the translation between tiny_http and the API's `Req`/`Resp`, the body limit, the access log and
+//! the orderly stop.
+//!
+//! We run tiny_http's connection handling ourselves instead of through `tiny_http::Server`, because
+//! its server cannot do two things kv needs: (1) its accept loop treats the timeout of a listener
+//! with `SO_RCVTIMEO` as fatal, yet that option on the listener is the only way to give every
+//! accepted socket a read timeout; (2) its connection pool queues a new connection behind busy
+//! threads when many arrive at once (measured: 6 of 300 connections got no answer for 30 s). So one
+//! accept thread takes connections (up to `MAX_CONNECTIONS`, then waits), each connection gets its
+//! own thread that parses requests with tiny_http and queues them, and `workers` threads take them
+//! from the queue, each with its own read connection to SQLite and its own handle to the writer.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::api::{self, Ctx, Method, Req};
+use crate::config::Config;
+use crate::error::Error;
+use crate::store::Store;
+use crate::writer::Writer;
+
+/// Pending connections the kernel keeps before refusing new ones.
+const LISTEN_BACKLOG: i32 = 1024;
+/// Most connections served at once; past it, accepting pauses until one closes (idle ones close
+/// after `KV_IO_TIMEOUT_SECS`), so a flood costs neither unbounded threads nor file descriptors.
+const MAX_CONNECTIONS: usize = 1024;
+/// Largest buffer reserved up front from a declared Content-Length; bigger bodies grow as they arrive.
+const MAX_BODY_PREALLOC_BYTES: usize = 1024 * 1024;
+/// Longest pause after a failed accept (out of file descriptors, say), so errors cannot spin.
+const MAX_ACCEPT_BACKOFF_MS: u64 = 1000;
+
+/// Why the server should stop.
+#[derive(Debug)]
+pub enum Stop {
+    /// SIGINT or SIGTERM: stop gracefully, exit 0.
+    Signal,
+    /// The listening socket failed for good: stop, exit non-zero.
+    Fatal(String),
+}
+
+/// A running server: its accept thread and workers.
+pub struct Server {
+    queue: Arc<Queue>,
+    workers: Vec<JoinHandle<()>>,
+    stopping: Arc<AtomicBool>,
+    /// The address actually bound (port 0 resolved).
+    pub addr: SocketAddr,
+}
+
+/// Requests parsed by connection threads, waiting for a worker.
+#[derive(Default)]
+struct Queue {
+    items: Mutex<VecDeque<Item>>,
+    ready: Condvar,
+}
+
+enum Item {
+    Request(tiny_http::Request),
+    /// Tells one worker to exit; queued behind the requests already received, so those are answered.
+    Stop,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Item>> {
+        // A panic never happens while the lock is held, but a poisoned queue is still a valid queue.
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, item: Item) {
+        self.lock().push_back(item);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Item {
+        let mut items = self.lock();
+        loop {
+            if let Some(item) = items.pop_front() {
+                return item;
+            }
+            items = self.ready.wait(items).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Counts open connections; `acquire` waits while `MAX_CONNECTIONS` are open.
+#[derive(Default)]
+struct Slots {
+    open: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// One open connection's slot, given back when the connection thread ends, however it ends.
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn acquire(slots: &Arc<Slots>) -> Slot {
+        let mut open = slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        while *open >= MAX_CONNECTIONS {
+            open = slots.freed.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+        *open += 1;
+        Slot(slots.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *self.0.open.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Binds the listening socket with the options every accepted socket inherits: TCP_NODELAY (so a
+/// response's separate header and body writes do not wait ~40 ms for a delayed ACK) and read/write
+/// timeouts (so idle and stalled clients are closed).
+fn listen(config: &Config) -> Result<TcpListener, String> {
+    let target = format!("{}:{}", config.host, config.port);
+    let bracketed = format!("[{}]:{}", config.host, config.port);
+    let addr = target
+        .to_socket_addrs()
+        .or_else(|_| bracketed.to_socket_addrs())
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| format!("cannot resolve the listen address '{}'", config.host))?;
+    let cannot = |e: std::io::Error| format!("cannot listen on {addr}: {e}");
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(cannot)?;
+    let timeout = Some(Duration::from_secs(config.io_timeout_secs));
+    socket.set_reuse_address(true).map_err(cannot)?;
+    socket.set_tcp_nodelay(true).map_err(cannot)?;
+    socket.set_read_timeout(timeout).map_err(cannot)?;
+    socket.set_write_timeout(timeout).map_err(cannot)?;
+    socket.bind(&addr.into()).map_err(cannot)?;
+    socket.listen(LISTEN_BACKLOG).map_err(cannot)?;
+    Ok(socket.into())
+}
+
+/// Binds, then starts the workers (each opens its own read connection first) and the accept thread.
+pub fn serve(config: &Config, writer: &Writer, stops: Sender<Stop>) -> Result<Server, String> {
+    let listener = listen(config)?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let queue = Arc::new(Queue::default());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::with_capacity(config.workers);
+    for n in 0..config.workers {
+        let store = Store::open(&config.db_file(), config.sync)
+            .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
+        let writer = writer.handle();
+        let queue = queue.clone();
+        let max_body_bytes = config.max_body_bytes;
+        let worker = thread::Builder::new()
+            .name(format!("kv-worker-{n}"))
+            .spawn(move || {
+                let ctx = Ctx {
+                    store: &store,
+                    writer: &writer,
+                };
+                while let Item::Request(request) = queue.pop() {
+                    respond(request, &ctx, max_body_bytes);
+                }
+            })
+            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+        workers.push(worker);
+    }
+    let (accept_queue, accept_stopping) = (queue.clone(), stopping.clone());
+    thread::Builder::new()
+        .name("kv-accept".into())
+        .spawn(move || accept(listener.into(), &accept_queue, &accept_stopping, &stops))
+        .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+    Ok(Server {
+        queue,
+        workers,
+        stopping,
+        addr,
+    })
+}
+
+impl Server {
+    /// Stops accepting, lets the workers answer every request already received, and waits for them.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for _ in &self.workers {
+            self.queue.push(Item::Stop);
+        }
+        for worker in self.workers {
+            if worker.join().is_err() {
+                log::error!("a worker thread panicked");
+            }
+        }
+        log::info!("workers stopped");
+    }
+}
+
+fn accept(
+    listener: tiny_http::Listener,
+    queue: &Arc<Queue>,
+    stopping: &AtomicBool,
+    stops: &Sender<Stop>,
+) {
+    let slots = Arc::new(Slots::default());
+    let no_tls = match tiny_http::SslContextWrap::build_ssl_capabilities(None) {
+        Ok(no_tls) => no_tls,
+        Err(e) => {
+            let _ = stops.send(Stop::Fatal(format!("cannot set up connections: {e}")));
+            return;
+        }
+    };
+    let mut backoff_ms = 0;
+    while !stopping.load(Ordering::SeqCst) {
+        let slot = Slots::acquire(&slots);
+        match tiny_http::Server::accept_connection(&listener, &no_tls) {
+            Ok(Some(connection)) => {
+                backoff_ms = 0;
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let queue = queue.clone();
+                let spawned = thread::Builder::new()
+                    .name("kv-conn".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        for parsed in connection {
+                            match parsed {
+                                Ok(request) => queue.push(Item::Request(request)),
+                                // tiny_http has answered a malformed request itself (400) or the client left.
+                                Err(e) => log::debug!("connection ended: {e}"),
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("cannot start a connection thread, dropping the connection: {e}");
+                }
+            }
+            Ok(None) => {}
+            // The listener's read timeout (it exists for the accepted sockets to inherit) or a
+            // client that gave up before we took it: nothing is wrong.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock
+                        | ErrorKind::TimedOut
+                        | ErrorKind::Interrupted
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::ConnectionReset
+                ) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::InvalidInput | ErrorKind::NotConnected | ErrorKind::Unsupported
+                ) =>
+            {
+                let _ = stops.send(Stop::Fatal(format!("the listening socket failed: {e}")));
+                return;
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: wait for connections to close instead of spinning.
+                backoff_ms = (backoff_ms * 2).clamp(10, MAX_ACCEPT_BACKOFF_MS);
+                log::warn!("cannot accept a connection ({e}); retrying in {backoff_ms} ms");
+                thread::sleep(Duration::from_millis(backoff_ms));
+            }
+        }
+    }
+}
+
+fn respond(mut request: tiny_http::Request, ctx: &Ctx<'_>, max_body_bytes: usize) {
+    let started = Instant::now();
+    let method = match request.method() {
+        tiny_http::Method::Get => Method::Get,
+        tiny_http::Method::Head => Method::Head,
+        tiny_http::Method::Put => Method::Put,
+        tiny_http::Method::Post => Method::Post,
+        tiny_http::Method::Delete => Method::Delete,
+        _ => Method::Other,
+    };
+    let (path, query) = match request.url().split_once('?') {
+        Some((path, query)) => (path.to_string(), query.to_string()),
+        None => (request.url().to_string(), String::new()),
+    };
+    let takes_body = matches!(method, Method::Put | Method::Post);
+    let result = match if takes_body {
+        read_body(&mut request, max_body_bytes)
+    } else {
+        Ok(Vec::new())
+    } {
+        Ok(body) => {
+            let req = Req {
+                method,
+                path,
+                query,
+                body,
+            };
+            catch_unwind(AssertUnwindSafe(|| api::handle(&req, ctx)))
+                .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
+        }
+        Err(e) => Err(e),
+    };
+    let (status, body, allow) = match result {
+        Ok(resp) => (resp.status, resp.body, None),
+        Err(e) => {
+            if e.status() >= 500 {
+                log::error!(
+                    "{} {}: {e}",
+                    request.method(),
+                    request.url().split('?').next().unwrap_or("")
+                );
+            }
+            let allow = match e {
+                Error::MethodNotAllowed { allow } => Some(allow),
+                _ => None,
+            };
+            (e.status(), e.body(), allow)
+        }
+    };
+    let mut response = tiny_http::Response::from_string(body).with_status_code(status);
+    for (name, value) in [("Content-Type", Some("application/json")), ("Allow", allow)] {
+        if let Some(header) = value.and_then(|v| tiny_http::Header::from_bytes(name, v).ok()) {
+            response.add_header(header);
+        }
+    }
+    let line = format!(
+        "{} {} {status}",
+        request.method(),
+        request.url().split('?').next().unwrap_or("")
+    );
+    if let Err(e) = request.respond(response) {
+        log::debug!("{line}: could not send the response: {e}");
+    }
+    log::debug!("{line} {:.1?}", started.elapsed());
+}
+
+/// Reads the body, refusing (413) one over the limit: from Content-Length before reading anything,
+/// and for a chunked body after at most `limit + 1` bytes, so nothing unbounded is buffered.
+fn read_body(request: &mut tiny_http::Request, limit: usize) -> Result<Vec<u8>, Error> {
+    let too_large = || Error::TooLarge {
+        code: "body_too_large",
+        message: format!("the request body is larger than the limit of {limit} bytes"),
+    };
+    let declared = request.body_length();
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(MAX_BODY_PREALLOC_BYTES));
+    request
+        .as_reader()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout,
+            _ => Error::bad_request("invalid_body", format!("cannot read the request body: {e}")),
+        })?;
+    if body.len() > limit {
+        return Err(too_large());
+    }
+    Ok(body)
+}

@@ -1,0 +1,69 @@
+//! kv: wiring only. Read the settings, open and migrate the database, start the writer and the HTTP
+//! workers, wait for a signal (or a fatal error), stop in order, and turn the outcome into an exit code.
+
+mod api;
+mod config;
+mod error;
+mod http;
+mod store;
+mod writer;
+
+use std::process::ExitCode;
+use std::sync::mpsc::channel;
+
+use config::{Command, Config};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match Config::from_process(&args) {
+        Ok(Command::Run(config)) => config,
+        Ok(Command::Help) => return print(config::HELP),
+        Ok(Command::Version) => return print(&format!("kv {}\n", env!("CARGO_PKG_VERSION"))),
+        Err(e) => return fail(&e),
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn run(config: &Config) -> Result<(), String> {
+    let store = store::Store::open_and_migrate(&config.db_file(), config.sync)?;
+    let writer =
+        writer::Writer::start(store).map_err(|e| format!("cannot start the writer: {e}"))?;
+    let (stops, stop) = channel();
+    let on_signal = stops.clone();
+    ctrlc::set_handler(move || {
+        let _ = on_signal.send(http::Stop::Signal);
+    })
+    .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    let server = http::serve(config, &writer, stops)?;
+    log::info!(
+        "kv {} listening on http://{} (database {}, sync {}, {} workers)",
+        env!("CARGO_PKG_VERSION"),
+        server.addr,
+        config.db_file().display(),
+        config.sync,
+        config.workers
+    );
+    let reason = stop.recv().unwrap_or(http::Stop::Signal);
+    log::info!("stopping ({reason:?})");
+    server.stop();
+    writer.stop();
+    log::info!("stopped");
+    match reason {
+        http::Stop::Signal => Ok(()),
+        http::Stop::Fatal(e) => Err(e),
+    }
+}
+
+fn print(text: &str) -> ExitCode {
+    print!("{text}");
+    ExitCode::SUCCESS
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}

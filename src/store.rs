@@ -1,0 +1,283 @@
+//! SQLite storage: opening a connection with the right pragmas, the schema migrations, and every
+//! statement kv runs.
+//!
+//! One `Store` is one connection. Each HTTP worker owns one for reads (WAL lets readers run beside the
+//! writer, so reads never queue behind writes); the writer thread owns the only one that writes.
+//! Values are stored as the JSON text the client sent and handed back as that text.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::config::Sync;
+
+/// How long a connection waits for a lock before SQLite reports BUSY.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+/// The schema, one entry per version: entry N takes `user_version` from N to N+1.
+/// Never edit or reorder an entry; append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the objects. The collection is its own column so no two (collection, key) pairs can collide.
+    "CREATE TABLE kv (
+        collection TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (collection, key)
+    ) WITHOUT ROWID;",
+];
+
+/// One SQLite connection with kv's statements.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if missing) the database file with WAL, the given sync mode and a busy timeout.
+    pub fn open(path: &Path, sync: Sync) -> Result<Store, rusqlite::Error> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!(
+                    "cannot switch the database to WAL mode (it stays in '{mode}' mode)"
+                )),
+            ));
+        }
+        let synchronous = match sync {
+            Sync::Full => "FULL",
+            Sync::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+        Ok(Store { conn })
+    }
+
+    /// Creates the data directory if missing, opens the database file in it and migrates the schema:
+    /// everything startup needs, with errors worded for the one line kv prints before exiting.
+    pub fn open_and_migrate(file: &Path, sync: Sync) -> Result<Store, String> {
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+        }
+        let mut store = Store::open(file, sync)
+            .map_err(|e| format!("cannot open the database {}: {e}", file.display()))?;
+        store
+            .migrate()
+            .map_err(|e| format!("cannot use the database {}: {e}", file.display()))?;
+        Ok(store)
+    }
+
+    /// Brings the schema up to date in one transaction; refuses a database made by a newer kv.
+    pub fn migrate(&mut self) -> Result<(), String> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| format!("cannot write to the database: {e}"))?;
+        let version: usize = tx
+            .pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))
+            .map_err(|e| e.to_string())?
+            .try_into()
+            .map_err(|_| "the database has a negative schema version".to_string())?;
+        if version > MIGRATIONS.len() {
+            return Err(format!(
+                "the database has schema version {version}, newer than this kv knows ({}); \
+                 refusing to touch it (run the newer kv)",
+                MIGRATIONS.len()
+            ));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(sql)
+                .map_err(|e| format!("migration to schema version {} failed: {e}", i + 1))?;
+        }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
+            .map_err(|e| e.to_string())?;
+        tx.commit()
+            .map_err(|e| format!("cannot commit the schema: {e}"))
+    }
+
+    /// Checks the connection can read the schema (for `/health`).
+    pub fn ping(&self) -> Result<(), rusqlite::Error> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM kv LIMIT 0")?
+            .query([])?
+            .next()?;
+        Ok(())
+    }
+
+    /// The stored JSON text of one object.
+    pub fn get(&self, collection: &str, key: &str) -> Result<Option<String>, rusqlite::Error> {
+        self.conn
+            .prepare_cached("SELECT value FROM kv WHERE collection = ?1 AND key = ?2")?
+            .query_row(params![collection, key], |row| row.get(0))
+            .optional()
+    }
+
+    /// Calls `each(key, value)` for every object of a collection in ascending key order; returns the count.
+    pub fn list(
+        &self,
+        collection: &str,
+        mut each: impl FnMut(&str, &str),
+    ) -> Result<usize, rusqlite::Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, value FROM kv WHERE collection = ?1 ORDER BY key")?;
+        let mut rows = stmt.query(params![collection])?;
+        let mut count = 0;
+        while let Some(row) = rows.next()? {
+            let key = row.get_ref(0)?.as_str()?;
+            let value = row.get_ref(1)?.as_str()?;
+            each(key, value);
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Inserts or replaces one object.
+    pub fn put(&self, collection: &str, key: &str, value: &str) -> Result<(), rusqlite::Error> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO kv (collection, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (collection, key) DO UPDATE
+                 SET value = excluded.value, updated_at = excluded.updated_at",
+            )?
+            .execute(params![collection, key, value, now_millis()])?;
+        Ok(())
+    }
+
+    /// Removes one object; says whether it was there.
+    pub fn delete(&self, collection: &str, key: &str) -> Result<bool, rusqlite::Error> {
+        let removed = self
+            .conn
+            .prepare_cached("DELETE FROM kv WHERE collection = ?1 AND key = ?2")?
+            .execute(params![collection, key])?;
+        Ok(removed > 0)
+    }
+
+    /// Runs a statement that controls transactions (`BEGIN IMMEDIATE`, `COMMIT`, `SAVEPOINT s`, ...).
+    pub fn control(&self, sql: &str) -> Result<(), rusqlite::Error> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+
+    /// Copies the whole WAL into the database file and empties it, so a stopped kv leaves one file.
+    pub fn checkpoint(&self) -> Result<(), rusqlite::Error> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    }
+
+    /// True when no transaction is open (SQLite rolls one back by itself after some errors).
+    pub fn is_autocommit(&self) -> bool {
+        self.conn.is_autocommit()
+    }
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        let mut store = Store::open(&dir.path().join("kv.sqlite3"), Sync::Full).unwrap();
+        store.migrate().unwrap();
+        store
+    }
+
+    #[test]
+    fn put_get_overwrite_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        assert_eq!(s.get("default", "a").unwrap(), None);
+        s.put("default", "a", r#"{"n":1}"#).unwrap();
+        assert_eq!(
+            s.get("default", "a").unwrap().as_deref(),
+            Some(r#"{"n":1}"#)
+        );
+        s.put("default", "a", "2").unwrap();
+        assert_eq!(s.get("default", "a").unwrap().as_deref(), Some("2"));
+        assert!(s.delete("default", "a").unwrap());
+        assert!(!s.delete("default", "a").unwrap());
+        assert_eq!(s.get("default", "a").unwrap(), None);
+    }
+
+    #[test]
+    fn collections_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        s.put("a", "b:c", "1").unwrap();
+        s.put("a:b", "c", "2").unwrap();
+        assert_eq!(s.get("a", "b:c").unwrap().as_deref(), Some("1"));
+        assert_eq!(s.get("a:b", "c").unwrap().as_deref(), Some("2"));
+        assert_eq!(s.get("a", "b").unwrap(), None);
+    }
+
+    #[test]
+    fn list_is_sorted_and_scoped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        for key in ["b", "a", "é", "Z"] {
+            s.put("c", key, "null").unwrap();
+        }
+        s.put("other", "x", "null").unwrap();
+        let mut keys = Vec::new();
+        let n = s.list("c", |k, _| keys.push(k.to_string())).unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(keys, ["Z", "a", "b", "é"]);
+        assert_eq!(s.list("empty", |_, _| {}).unwrap(), 0);
+    }
+
+    #[test]
+    fn wal_mode_and_schema_version_are_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let mode: String = s
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let version: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let sync: i64 = s
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+    }
+
+    #[test]
+    fn migrate_is_idempotent_and_refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(&dir);
+        s.put("c", "k", "1").unwrap();
+        s.migrate().unwrap();
+        assert_eq!(s.get("c", "k").unwrap().as_deref(), Some("1"));
+        s.conn
+            .pragma_update(None, "user_version", MIGRATIONS.len() as i64 + 1)
+            .unwrap();
+        let err = s.migrate().unwrap_err();
+        assert!(err.contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_sqlite_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.sqlite3");
+        std::fs::write(&path, vec![b'x'; 8192]).unwrap();
+        let err = Store::open(&path, Sync::Full).err().unwrap();
+        assert!(err.to_string().contains("not a database"), "{err}");
+    }
+}
