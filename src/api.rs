@@ -1,6 +1,7 @@
-//! The HTTP API without the HTTP: a request comes in as a plain `Req`, is routed by method and path,
-//! checked, handed to the store (reads) or the writer (writes), and answered with a `Resp` or an
-//! `Error`. No sockets and no tiny_http types here, so every route is unit-tested by calling `handle`.
+//! The HTTP API without the HTTP: a request comes in as a plain `Req`, is routed by method and path
+//! and checked. A read is answered at once from the worker's store; a write is answered with the
+//! `Op` for the writer and the function that turns its committed outcome into the response. No
+//! sockets, threads or tiny_http types here, so every route is unit-tested by calling `handle`.
 //!
 //! Values travel as the JSON text the client sent: a PUT checks the syntax and stores the text, a GET
 //! splices the stored text into the response without parsing it again.
@@ -10,7 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::store::Store;
-use crate::writer::{Op, Outcome, WriteHandle};
+use crate::writer::{Op, Outcome};
 
 /// Longest key, in bytes of UTF-8.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -52,14 +53,25 @@ impl Resp {
     }
 }
 
-/// What a handler may use: this worker's read connection and its way to the writer.
-pub struct Ctx<'a> {
-    pub store: &'a Store,
-    pub writer: &'a WriteHandle,
+/// Turns a committed write's outcome into the response.
+pub type Finish = Box<dyn FnOnce(Outcome) -> Result<Resp, Error> + Send>;
+
+/// How a request is answered.
+pub enum Answer {
+    /// Now.
+    Now(Resp),
+    /// After the writer has committed `Op`; the response must not be sent before.
+    AfterCommit(Op, Finish),
 }
 
-/// Routes one request and runs it.
-pub fn handle(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
+impl From<Resp> for Answer {
+    fn from(resp: Resp) -> Answer {
+        Answer::Now(resp)
+    }
+}
+
+/// Routes one request and runs it (reads) or prepares it for the writer (writes).
+pub fn handle(req: &Req, store: &Store) -> Result<Answer, Error> {
     let path = req
         .path
         .strip_prefix('/')
@@ -70,19 +82,19 @@ pub fn handle(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
     };
     match (first, rest) {
         ("health", None) => match req.method {
-            Method::Get | Method::Head => health(ctx),
+            Method::Get | Method::Head => health(store).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("objects", None | Some("")) => match req.method {
-            Method::Get | Method::Head => list(req, ctx),
-            Method::Put => put(req, ctx),
+            Method::Get | Method::Head => list(req, store).map(Answer::from),
+            Method::Put => put(req),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, PUT",
             }),
         },
         ("objects", Some(encoded_key)) => match req.method {
-            Method::Get | Method::Head => get(req, ctx, encoded_key),
-            Method::Delete => delete(req, ctx, encoded_key),
+            Method::Get | Method::Head => get(req, store, encoded_key).map(Answer::from),
+            Method::Delete => delete(req, encoded_key),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
             }),
@@ -94,8 +106,10 @@ pub fn handle(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
     }
 }
 
-fn health(ctx: &Ctx<'_>) -> Result<Resp, Error> {
-    ctx.store.ping().map_err(Error::Unavailable)?;
+fn health(store: &Store) -> Result<Resp, Error> {
+    store
+        .ping()
+        .map_err(|e| Error::Unavailable(format!("the database cannot be read: {e}")))?;
     Ok(Resp::ok(r#"{"status":"healthy"}"#.to_string()))
 }
 
@@ -112,7 +126,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
-fn put(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
+fn put(req: &Req) -> Result<Answer, Error> {
     let collection = collection(&req.query)?;
     let text = json_text(&req.body)?;
     let body: PutBody<'_> = object_from_str(text)?;
@@ -123,22 +137,22 @@ fn put(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
             "the body has no \"value\" (use \"value\": null to store null)",
         )
     })?;
-    ctx.writer.write(Op::Put {
-        collection,
-        key: key.clone(),
-        value: value.get().to_string(),
-    })?;
-    Ok(Resp::ok(format!(
+    let message = format!(
         r#"{{"message":"Object stored successfully","key":{}}}"#,
         json_string(&key)
-    )))
+    );
+    let op = Op::Put {
+        collection,
+        key,
+        value: value.get().to_string(),
+    };
+    Ok(Answer::AfterCommit(op, Box::new(|_| Ok(Resp::ok(message)))))
 }
 
-fn get(req: &Req, ctx: &Ctx<'_>, encoded_key: &str) -> Result<Resp, Error> {
+fn get(req: &Req, store: &Store, encoded_key: &str) -> Result<Resp, Error> {
     let collection = collection(&req.query)?;
     let key = key_from_path(encoded_key)?;
-    let value = ctx
-        .store
+    let value = store
         .get(&collection, &key)?
         .ok_or_else(|| object_not_found(&key, &collection))?;
     let key = json_string(&key);
@@ -151,10 +165,10 @@ fn get(req: &Req, ctx: &Ctx<'_>, encoded_key: &str) -> Result<Resp, Error> {
     Ok(Resp::ok(body))
 }
 
-fn list(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
+fn list(req: &Req, store: &Store) -> Result<Resp, Error> {
     let collection = collection(&req.query)?;
     let mut objects = String::from("{");
-    let count = ctx.store.list(&collection, |key, value| {
+    let count = store.list(&collection, |key, value| {
         if objects.len() > 1 {
             objects.push(',');
         }
@@ -168,20 +182,22 @@ fn list(req: &Req, ctx: &Ctx<'_>) -> Result<Resp, Error> {
     )))
 }
 
-fn delete(req: &Req, ctx: &Ctx<'_>, encoded_key: &str) -> Result<Resp, Error> {
+fn delete(req: &Req, encoded_key: &str) -> Result<Answer, Error> {
     let collection = collection(&req.query)?;
     let key = key_from_path(encoded_key)?;
-    let outcome = ctx.writer.write(Op::Delete {
-        collection: collection.clone(),
-        key: key.clone(),
-    })?;
-    if outcome != Outcome::Deleted(true) {
-        return Err(object_not_found(&key, &collection));
-    }
-    Ok(Resp::ok(format!(
+    let found = Resp::ok(format!(
         r#"{{"message":"Object deleted successfully","key":{}}}"#,
         json_string(&key)
-    )))
+    ));
+    let absent = object_not_found(&key, &collection);
+    let op = Op::Delete { collection, key };
+    Ok(Answer::AfterCommit(
+        op,
+        Box::new(move |outcome| match outcome {
+            Outcome::Deleted(true) => Ok(found),
+            _ => Err(absent),
+        }),
+    ))
 }
 
 fn object_not_found(key: &str, collection: &str) -> Error {
@@ -348,14 +364,14 @@ fn json_string(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::Sync;
-    use crate::writer::Writer;
+    use crate::writer::{Submitter, Writer};
     use serde_json::{Value, json};
 
     struct Harness {
         _dir: tempfile::TempDir,
         store: Store,
         writer: Option<Writer>,
-        handle: Option<WriteHandle>,
+        submitter: Option<Submitter>,
     }
 
     impl Harness {
@@ -365,12 +381,12 @@ mod tests {
             let mut w = Store::open(&path, Sync::Normal).unwrap();
             w.migrate().unwrap();
             let writer = Writer::start(w).unwrap();
-            let handle = writer.handle();
+            let submitter = writer.submitter();
             Harness {
                 store: Store::open(&path, Sync::Normal).unwrap(),
                 _dir: dir,
                 writer: Some(writer),
-                handle: Some(handle),
+                submitter: Some(submitter),
             }
         }
 
@@ -382,20 +398,26 @@ mod tests {
                 query: query.to_string(),
                 body: body.as_bytes().to_vec(),
             };
-            let ctx = Ctx {
-                store: &self.store,
-                writer: self.handle.as_ref().unwrap(),
-            };
-            match handle(&req, &ctx) {
+            match self.run(&req) {
                 Ok(resp) => (resp.status, serde_json::from_str(&resp.body).unwrap()),
                 Err(e) => (e.status(), serde_json::from_str(&e.body()).unwrap()),
+            }
+        }
+
+        /// Handles a request as a worker and the writer together would.
+        fn run(&self, req: &Req) -> Result<Resp, Error> {
+            match handle(req, &self.store)? {
+                Answer::Now(resp) => Ok(resp),
+                Answer::AfterCommit(op, finish) => {
+                    finish(self.submitter.as_ref().unwrap().write(op)?)
+                }
             }
         }
     }
 
     impl Drop for Harness {
         fn drop(&mut self) {
-            self.handle.take();
+            self.submitter.take();
             self.writer.take().unwrap().stop();
         }
     }
@@ -580,11 +602,7 @@ mod tests {
             query: String::new(),
             body: vec![],
         };
-        let ctx = Ctx {
-            store: &h.store,
-            writer: h.handle.as_ref().unwrap(),
-        };
-        let resp = handle(&req, &ctx).unwrap();
+        let resp = h.run(&req).unwrap();
         assert_eq!(resp.body, format!(r#"{{"key":"v","value":{value}}}"#));
     }
 

@@ -24,8 +24,8 @@ pub enum Error {
     Timeout,
     /// 500: SQLite failed; the cause is logged, never sent.
     Storage(rusqlite::Error),
-    /// 503: the database cannot be read (for `/health`); the cause is logged.
-    Unavailable(rusqlite::Error),
+    /// 503: the database cannot be read (for `/health`), or kv is stopping; the cause is logged.
+    Unavailable(String),
     /// 500: a bug (a handler panicked or a thread vanished); the cause is logged, never sent.
     Internal(String),
 }
@@ -95,7 +95,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => "method not allowed on this path",
             Error::Timeout => "timed out reading the request body",
             Error::Storage(_) | Error::Internal(_) => "internal error",
-            Error::Unavailable(_) => "database unavailable",
+            Error::Unavailable(_) => "service unavailable",
         };
         let mut body = serde_json::json!({ "error": message, "code": self.code() });
         if let Error::BadRequest {
@@ -112,7 +112,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Storage(e) => write!(f, "storage error: {e}"),
-            Error::Unavailable(e) => write!(f, "database unavailable: {e}"),
+            Error::Unavailable(why) => write!(f, "unavailable: {why}"),
             Error::Internal(cause) => write!(f, "internal error: {cause}"),
             other => write!(f, "{} ({})", other.status(), other.code()),
         }

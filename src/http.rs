@@ -9,7 +9,9 @@
 //! threads when many arrive at once (measured: 6 of 300 connections got no answer for 30 s). So one
 //! accept thread takes connections (up to `MAX_CONNECTIONS`, then waits), each connection gets its
 //! own thread that parses requests with tiny_http and queues them, and `workers` threads take them
-//! from the queue, each with its own read connection to SQLite and its own handle to the writer.
+//! from the queue, each with its own read connection to SQLite. A worker answers a read at once;
+//! a write it hands to the writer together with the request, and goes on with other requests; the
+//! writer queues the committed answer back, and whichever worker is free sends it.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
@@ -23,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::api::{self, Ctx, Method, Req};
+use crate::api::{self, Answer, Method, Req, Resp};
 use crate::config::Config;
 use crate::error::Error;
 use crate::store::Store;
-use crate::writer::Writer;
+use crate::writer::{Submitter, Writer};
 
 /// Pending connections the kernel keeps before refusing new ones.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -65,8 +67,11 @@ struct Queue {
 }
 
 enum Item {
+    /// A request to handle.
     Request(tiny_http::Request),
-    /// Tells one worker to exit; queued behind the requests already received, so those are answered.
+    /// A request whose write has committed (or failed): its answer only needs sending.
+    Answer(tiny_http::Request, Result<Resp, Error>, Instant),
+    /// Tells one worker to exit; queued behind the requests already received, so those are handled.
     Stop,
 }
 
@@ -79,6 +84,10 @@ impl Queue {
     fn push(&self, item: Item) {
         self.lock().push_back(item);
         self.ready.notify_one();
+    }
+
+    fn try_pop(&self) -> Option<Item> {
+        self.lock().pop_front()
     }
 
     fn pop(&self) -> Item {
@@ -155,18 +164,20 @@ pub fn serve(config: &Config, writer: &Writer, stops: Sender<Stop>) -> Result<Se
     for n in 0..config.workers {
         let store = Store::open(&config.db_file(), config.sync)
             .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
-        let writer = writer.handle();
+        let submitter = writer.submitter();
         let queue = queue.clone();
         let max_body_bytes = config.max_body_bytes;
         let worker = thread::Builder::new()
             .name(format!("kv-worker-{n}"))
             .spawn(move || {
-                let ctx = Ctx {
-                    store: &store,
-                    writer: &writer,
-                };
-                while let Item::Request(request) = queue.pop() {
-                    respond(request, &ctx, max_body_bytes);
+                loop {
+                    match queue.pop() {
+                        Item::Request(request) => {
+                            handle(request, &store, &submitter, &queue, max_body_bytes)
+                        }
+                        Item::Answer(request, result, started) => send(request, result, started),
+                        Item::Stop => return,
+                    }
                 }
             })
             .map_err(|e| format!("cannot start a worker thread: {e}"))?;
@@ -186,8 +197,9 @@ pub fn serve(config: &Config, writer: &Writer, stops: Sender<Stop>) -> Result<Se
 }
 
 impl Server {
-    /// Stops accepting, lets the workers answer every request already received, and waits for them.
-    pub fn stop(self) {
+    /// Stops accepting, handles every request already received, lets the writer commit every write
+    /// and sends the answers: nothing received before the stop is left unanswered.
+    pub fn stop(self, writer: Writer) {
         self.stopping.store(true, Ordering::SeqCst);
         for _ in &self.workers {
             self.queue.push(Item::Stop);
@@ -198,13 +210,25 @@ impl Server {
             }
         }
         log::info!("workers stopped");
+        writer.stop();
+        while let Some(item) = self.queue.try_pop() {
+            match item {
+                Item::Answer(request, result, started) => send(request, result, started),
+                Item::Request(request) => send(request, Err(shutting_down()), Instant::now()),
+                Item::Stop => {}
+            }
+        }
     }
+}
+
+fn shutting_down() -> Error {
+    Error::Unavailable("the server is shutting down".into())
 }
 
 fn accept(
     listener: tiny_http::Listener,
     queue: &Arc<Queue>,
-    stopping: &AtomicBool,
+    stopping: &Arc<AtomicBool>,
     stops: &Sender<Stop>,
 ) {
     let slots = Arc::new(Slots::default());
@@ -225,12 +249,17 @@ fn accept(
                     return;
                 }
                 let queue = queue.clone();
+                let stopping = stopping.clone();
                 let spawned = thread::Builder::new()
                     .name("kv-conn".into())
                     .spawn(move || {
                         let _slot = slot;
                         for parsed in connection {
                             match parsed {
+                                Ok(request) if stopping.load(Ordering::SeqCst) => {
+                                    send(request, Err(shutting_down()), Instant::now());
+                                    return;
+                                }
                                 Ok(request) => queue.push(Item::Request(request)),
                                 // tiny_http has answered a malformed request itself (400) or the client left.
                                 Err(e) => log::debug!("connection ended: {e}"),
@@ -272,7 +301,15 @@ fn accept(
     }
 }
 
-fn respond(mut request: tiny_http::Request, ctx: &Ctx<'_>, max_body_bytes: usize) {
+/// Handles one request: a read is answered now, a write is handed to the writer, which queues its
+/// answer back once committed.
+fn handle(
+    mut request: tiny_http::Request,
+    store: &Store,
+    submitter: &Submitter,
+    queue: &Arc<Queue>,
+    max_body_bytes: usize,
+) {
     let started = Instant::now();
     let method = match request.method() {
         tiny_http::Method::Get => Method::Get,
@@ -286,33 +323,45 @@ fn respond(mut request: tiny_http::Request, ctx: &Ctx<'_>, max_body_bytes: usize
         Some((path, query)) => (path.to_string(), query.to_string()),
         None => (request.url().to_string(), String::new()),
     };
-    let takes_body = matches!(method, Method::Put | Method::Post);
-    let result = match if takes_body {
+    let body = if matches!(method, Method::Put | Method::Post) {
         read_body(&mut request, max_body_bytes)
     } else {
         Ok(Vec::new())
-    } {
-        Ok(body) => {
-            let req = Req {
-                method,
-                path,
-                query,
-                body,
-            };
-            catch_unwind(AssertUnwindSafe(|| api::handle(&req, ctx)))
-                .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
-        }
-        Err(e) => Err(e),
     };
+    let answer = body.and_then(|body| {
+        let req = Req {
+            method,
+            path,
+            query,
+            body,
+        };
+        catch_unwind(AssertUnwindSafe(|| api::handle(&req, store)))
+            .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
+    });
+    match answer {
+        Ok(Answer::Now(resp)) => send(request, Ok(resp), started),
+        Err(e) => send(request, Err(e), started),
+        Ok(Answer::AfterCommit(op, finish)) => {
+            let queue = queue.clone();
+            submitter.submit(
+                op,
+                Box::new(move |reply| {
+                    let result = reply.and_then(finish);
+                    queue.push(Item::Answer(request, result, started));
+                }),
+            );
+        }
+    }
+}
+
+/// Sends the answer to a request, and logs it.
+fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Instant) {
+    let path = request.url().split('?').next().unwrap_or("");
     let (status, body, allow) = match result {
         Ok(resp) => (resp.status, resp.body, None),
         Err(e) => {
             if e.status() >= 500 {
-                log::error!(
-                    "{} {}: {e}",
-                    request.method(),
-                    request.url().split('?').next().unwrap_or("")
-                );
+                log::error!("{} {path}: {e}", request.method());
             }
             let allow = match e {
                 Error::MethodNotAllowed { allow } => Some(allow),
@@ -321,17 +370,13 @@ fn respond(mut request: tiny_http::Request, ctx: &Ctx<'_>, max_body_bytes: usize
             (e.status(), e.body(), allow)
         }
     };
+    let line = format!("{} {path} {status}", request.method());
     let mut response = tiny_http::Response::from_string(body).with_status_code(status);
     for (name, value) in [("Content-Type", Some("application/json")), ("Allow", allow)] {
         if let Some(header) = value.and_then(|v| tiny_http::Header::from_bytes(name, v).ok()) {
             response.add_header(header);
         }
     }
-    let line = format!(
-        "{} {} {status}",
-        request.method(),
-        request.url().split('?').next().unwrap_or("")
-    );
     if let Err(e) = request.respond(response) {
         log::debug!("{line}: could not send the response: {e}");
     }

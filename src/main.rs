@@ -49,8 +49,7 @@ fn run(config: &Config) -> Result<(), String> {
     );
     let reason = stop.recv().unwrap_or(http::Stop::Signal);
     log::info!("stopping ({reason:?})");
-    server.stop();
-    writer.stop();
+    server.stop(writer);
     log::info!("stopped");
     match reason {
         http::Stop::Signal => Ok(()),

@@ -1,20 +1,25 @@
 //! The single writer thread and its group commit.
 //!
 //! SQLite allows one writer at a time, and under `synchronous=FULL` every commit costs an fsync. So
-//! one thread owns the only writing connection: workers hand it their writes and wait for the reply;
-//! it takes everything queued, runs it in one `BEGIN IMMEDIATE … COMMIT` (one fsync for the whole
-//! group), and only then answers each worker. Under one client that is one write per commit; under
-//! many it amortises the fsync. A 200 is therefore never sent before its COMMIT has returned.
+//! one thread owns the only writing connection: workers submit their writes with a completion
+//! callback and go back to serving requests; the writer takes everything queued, runs it in one
+//! `BEGIN IMMEDIATE … COMMIT` (one fsync for the whole group), and only then calls each write's
+//! callback with its outcome. Under one client that is one write per commit; under many it
+//! amortises the fsync, and no worker sits idle waiting for a disk flush while reads queue up.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
 use crate::error::Error;
 use crate::store::Store;
 
-/// Most writes committed together, so one huge group cannot hold every worker's reply for long.
+/// Most writes committed together, so one huge group cannot hold every reply for long.
 const MAX_WRITES_PER_COMMIT: usize = 1024;
+/// Most value bytes waiting for the writer; submitters wait beyond it, so a flood of large PUTs
+/// from many connections cannot pile up in memory while the disk catches up.
+const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
 /// One write, as the API asks for it.
 #[derive(Debug)]
@@ -30,6 +35,20 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Roughly what the op holds in memory while queued.
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Put {
+                collection,
+                key,
+                value,
+            } => collection.len() + key.len() + value.len(),
+            Op::Delete { collection, key } => collection.len() + key.len(),
+        }
+    }
+}
+
 /// What a committed write did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -38,73 +57,112 @@ pub enum Outcome {
     Deleted(bool),
 }
 
-type Reply = Result<Outcome, Error>;
+/// The result of one write, known only after its transaction committed (or failed).
+pub type Reply = Result<Outcome, Error>;
+
+/// Called by the writer thread with the write's reply, after COMMIT has returned.
+pub type Done = Box<dyn FnOnce(Reply) + Send>;
 
 struct Job {
     op: Op,
-    reply: Sender<Reply>,
+    bytes: usize,
+    done: Done,
 }
 
-/// The writer thread; `stop` waits for it once every `WriteHandle` is gone.
+/// The writer thread; `stop` waits for it once every `Submitter` is gone.
 pub struct Writer {
-    jobs: Sender<Job>,
+    submitter: Submitter,
     thread: JoinHandle<()>,
 }
 
-/// A worker's way to the writer: a sender of jobs plus the worker's own reply channel.
-pub struct WriteHandle {
+/// A way to the writer; cheap to clone, one per worker.
+#[derive(Clone)]
+pub struct Submitter {
     jobs: Sender<Job>,
-    reply_tx: Sender<Reply>,
-    reply_rx: Receiver<Reply>,
+    queued: Arc<QueuedBytes>,
+}
+
+/// Value bytes submitted but not yet committed.
+#[derive(Default)]
+struct QueuedBytes {
+    bytes: Mutex<usize>,
+    drained: Condvar,
+}
+
+impl QueuedBytes {
+    fn add(&self, n: usize) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        // One write larger than the whole budget still goes through, alone.
+        while *bytes > 0 && *bytes + n > MAX_QUEUED_BYTES {
+            bytes = self.drained.wait(bytes).unwrap_or_else(|e| e.into_inner());
+        }
+        *bytes += n;
+    }
+
+    fn remove(&self, n: usize) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        *bytes = bytes.saturating_sub(n);
+        self.drained.notify_all();
+    }
 }
 
 impl Writer {
     /// Starts the writer thread on the given (write) connection.
     pub fn start(store: Store) -> std::io::Result<Writer> {
         let (jobs, queue) = channel::<Job>();
+        let queued = Arc::new(QueuedBytes::default());
+        let thread_queued = queued.clone();
         let thread = thread::Builder::new()
             .name("kv-writer".into())
-            .spawn(move || run(store, queue))?;
-        Ok(Writer { jobs, thread })
+            .spawn(move || run(store, queue, &thread_queued))?;
+        Ok(Writer {
+            submitter: Submitter { jobs, queued },
+            thread,
+        })
     }
 
-    /// A new handle for one worker thread.
-    pub fn handle(&self) -> WriteHandle {
-        let (reply_tx, reply_rx) = channel();
-        WriteHandle {
-            jobs: self.jobs.clone(),
-            reply_tx,
-            reply_rx,
-        }
+    /// A new way to submit writes.
+    pub fn submitter(&self) -> Submitter {
+        self.submitter.clone()
     }
 
-    /// Waits for the writer to finish the queued writes and close its connection. Every
-    /// `WriteHandle` must have been dropped first, or this waits for ever.
+    /// Waits for the writer to commit what is queued, answer it, and close its connection. Every
+    /// other `Submitter` must have been dropped first, or this waits for ever.
     pub fn stop(self) {
-        drop(self.jobs);
+        drop(self.submitter);
         if self.thread.join().is_err() {
             log::error!("the writer thread panicked");
         }
     }
 }
 
-impl WriteHandle {
-    /// Queues one write and blocks until it has been committed (or has failed).
+impl Submitter {
+    /// Queues one write; `done` gets its reply once it has been committed (or has failed).
+    pub fn submit(&self, op: Op, done: Done) {
+        let bytes = op.bytes();
+        self.queued.add(bytes);
+        if let Err(rejected) = self.jobs.send(Job { op, bytes, done }) {
+            self.queued.remove(bytes);
+            (rejected.0.done)(Err(Error::Internal("the writer thread has stopped".into())));
+        }
+    }
+
+    /// Queues one write and blocks until it has been committed (or has failed); for tests.
+    #[cfg(test)]
     pub fn write(&self, op: Op) -> Reply {
-        let job = Job {
+        let (tx, rx) = channel();
+        self.submit(
             op,
-            reply: self.reply_tx.clone(),
-        };
-        self.jobs
-            .send(job)
-            .map_err(|_| Error::Internal("the writer thread has stopped".into()))?;
-        self.reply_rx
-            .recv()
+            Box::new(move |reply| {
+                let _ = tx.send(reply);
+            }),
+        );
+        rx.recv()
             .map_err(|_| Error::Internal("the writer thread dropped a write".into()))?
     }
 }
 
-fn run(store: Store, queue: Receiver<Job>) {
+fn run(store: Store, queue: Receiver<Job>, queued: &QueuedBytes) {
     let mut group = Vec::with_capacity(MAX_WRITES_PER_COMMIT);
     while let Ok(first) = queue.recv() {
         group.push(first);
@@ -114,6 +172,7 @@ fn run(store: Store, queue: Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let bytes: usize = group.iter().map(|job| job.bytes).sum();
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| commit(&store, &mut group))) {
             log::error!("the writer {}", Error::from_panic(panic));
             if !store.is_autocommit() {
@@ -121,6 +180,7 @@ fn run(store: Store, queue: Receiver<Job>) {
             }
             fail_all(&mut group, "the writer panicked");
         }
+        queued.remove(bytes);
     }
     match store.checkpoint() {
         Ok(()) => log::info!("writer stopped, WAL checkpointed"),
@@ -154,8 +214,7 @@ fn commit(store: &Store, group: &mut Vec<Job>) {
         return fail_all(group, "commit failed");
     }
     for (job, reply) in group.drain(..).zip(replies) {
-        // A worker that vanished cannot be told; its write is committed all the same.
-        let _ = job.reply.send(reply);
+        (job.done)(reply);
     }
 }
 
@@ -175,7 +234,7 @@ fn apply(store: &Store, op: &Op) -> Reply {
 
 fn fail_all(group: &mut Vec<Job>, why: &str) {
     for job in group.drain(..) {
-        let _ = job.reply.send(Err(Error::Internal(why.to_string())));
+        (job.done)(Err(Error::Internal(why.to_string())));
     }
 }
 
@@ -188,6 +247,20 @@ mod tests {
         let path = dir.path().join("kv.sqlite3");
         let mut store = Store::open(&path, Sync::Normal).unwrap();
         store.migrate().unwrap();
+        // Storage failures on demand: writing key "boom" fails that statement, "doom" makes
+        // SQLite roll back the whole transaction.
+        store
+            .control(
+                "CREATE TEMP TRIGGER fail_on_boom BEFORE INSERT ON kv WHEN NEW.key = 'boom'
+                 BEGIN SELECT RAISE(ABORT, 'boom'); END",
+            )
+            .unwrap();
+        store
+            .control(
+                "CREATE TEMP TRIGGER fail_on_doom BEFORE INSERT ON kv WHEN NEW.key = 'doom'
+                 BEGIN SELECT RAISE(ROLLBACK, 'doom'); END",
+            )
+            .unwrap();
         let reader = Store::open(&path, Sync::Normal).unwrap();
         (Writer::start(store).unwrap(), reader)
     }
@@ -204,7 +277,7 @@ mod tests {
     fn writes_are_visible_to_readers_once_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let (writer, reader) = writer(&dir);
-        let handle = writer.handle();
+        let handle = writer.submitter();
         assert_eq!(handle.write(put("k", "1")).unwrap(), Outcome::Stored);
         assert_eq!(reader.get("c", "k").unwrap().as_deref(), Some("1"));
         let delete = || Op::Delete {
@@ -218,12 +291,26 @@ mod tests {
     }
 
     #[test]
+    fn a_rolled_back_group_fails_every_write_in_it_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = writer(&dir);
+        let w = writer.submitter();
+        assert!(matches!(w.write(put("boom", "1")), Err(Error::Storage(_))));
+        assert!(matches!(w.write(put("doom", "1")), Err(Error::Internal(_))));
+        assert_eq!(reader.get("c", "doom").unwrap(), None);
+        assert_eq!(w.write(put("fine", "1")).unwrap(), Outcome::Stored);
+        assert_eq!(reader.get("c", "fine").unwrap().as_deref(), Some("1"));
+        drop(w);
+        writer.stop();
+    }
+
+    #[test]
     fn concurrent_writers_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (writer, reader) = writer(&dir);
         let threads: Vec<_> = (0..8)
             .map(|t| {
-                let handle = writer.handle();
+                let handle = writer.submitter();
                 thread::spawn(move || {
                     for i in 0..100 {
                         handle.write(put(&format!("{t}-{i}"), "true")).unwrap();

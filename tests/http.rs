@@ -256,7 +256,11 @@ fn odd_keys_work() {
         assert_eq!(resp.json(), json!({"key": key, "value": key}));
     }
     assert_eq!(s.get("/objects/a%2Fb").json()["value"], "a/b");
-    assert_eq!(s.get("/objects/a/b").json()["value"], "a/b", "a raw slash is part of the key");
+    assert_eq!(
+        s.get("/objects/a/b").json()["value"],
+        "a/b",
+        "a raw slash is part of the key"
+    );
     assert_eq!(s.get("/objects/with%20space").json()["value"], "with space");
     assert_eq!(
         s.get("/objects/a+b").json()["value"],

@@ -98,6 +98,11 @@ impl TestServer {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let mut log = log_writer.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
                 if let Some(rest) = line.split("listening on http://").nth(1) {
                     let port = rest
                         .split_whitespace()
@@ -106,9 +111,6 @@ impl TestServer {
                         .and_then(|p| p.parse::<u16>().ok());
                     let _ = port_tx.send(port);
                 }
-                let mut log = log_writer.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
             let _ = exited_tx.send(());
         });
