@@ -6,6 +6,8 @@
 //! Values travel as the JSON text the client sent: a PUT checks the syntax and stores the text, a GET
 //! splices the stored text into the response without parsing it again.
 
+mod batch;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -70,8 +72,15 @@ impl From<Resp> for Answer {
     }
 }
 
+/// What a handler may use: this worker's read connection, and the limits.
+pub struct Ctx<'a> {
+    pub store: &'a Store,
+    pub max_batch_ops: usize,
+}
+
 /// Routes one request and runs it (reads) or prepares it for the writer (writes).
-pub fn handle(req: &Req, store: &Store) -> Result<Answer, Error> {
+pub fn handle(req: &Req, ctx: &Ctx<'_>) -> Result<Answer, Error> {
+    let store = ctx.store;
     let path = req
         .path
         .strip_prefix('/')
@@ -98,6 +107,21 @@ pub fn handle(req: &Req, store: &Store) -> Result<Answer, Error> {
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
             }),
+        },
+        ("collections", None | Some("")) => match req.method {
+            Method::Get | Method::Head => collections(store).map(Answer::from),
+            _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
+        },
+        ("collections", Some(encoded_name)) => match req.method {
+            Method::Get | Method::Head => collection_count(store, encoded_name).map(Answer::from),
+            Method::Delete => delete_collection(encoded_name),
+            _ => Err(Error::MethodNotAllowed {
+                allow: "GET, HEAD, DELETE",
+            }),
+        },
+        ("batch", None) => match req.method {
+            Method::Post => batch::batch(req, ctx.max_batch_ops),
+            _ => Err(Error::MethodNotAllowed { allow: "POST" }),
         },
         _ => Err(Error::not_found(
             "not_found",
@@ -198,6 +222,72 @@ fn delete(req: &Req, encoded_key: &str) -> Result<Answer, Error> {
             _ => Err(absent),
         }),
     ))
+}
+
+fn collections(store: &Store) -> Result<Resp, Error> {
+    let mut list = String::from("[");
+    let count = store.collections(|name, count| {
+        if list.len() > 1 {
+            list.push(',');
+        }
+        list.push_str(&format!(
+            r#"{{"name":{},"count":{count}}}"#,
+            json_string(name)
+        ));
+    })?;
+    list.push(']');
+    Ok(Resp::ok(format!(
+        r#"{{"count":{count},"collections":{list}}}"#
+    )))
+}
+
+fn collection_count(store: &Store, encoded_name: &str) -> Result<Resp, Error> {
+    let name = collection_from_path(encoded_name)?;
+    let count = store
+        .collection_count(&name)?
+        .ok_or_else(|| collection_not_found(&name))?;
+    Ok(Resp::ok(format!(
+        r#"{{"name":{},"count":{count}}}"#,
+        json_string(&name)
+    )))
+}
+
+fn delete_collection(encoded_name: &str) -> Result<Answer, Error> {
+    let name = collection_from_path(encoded_name)?;
+    let absent = collection_not_found(&name);
+    let quoted = json_string(&name);
+    Ok(Answer::AfterCommit(
+        Op::DeleteCollection { name },
+        Box::new(move |outcome| match outcome {
+            Outcome::DeletedCollection(deleted) if deleted > 0 => Ok(Resp::ok(format!(
+                r#"{{"message":"Collection deleted successfully","name":{quoted},"deleted":{deleted}}}"#
+            ))),
+            _ => Err(absent),
+        }),
+    ))
+}
+
+fn collection_from_path(encoded: &str) -> Result<String, Error> {
+    let name = percent_decode(encoded, false).ok_or_else(|| {
+        Error::bad_request(
+            "invalid_collection",
+            "the collection name in the path is not validly percent-encoded UTF-8",
+        )
+    })?;
+    check_name(
+        "collection name",
+        &name,
+        MAX_COLLECTION_BYTES,
+        "invalid_collection",
+    )?;
+    Ok(name)
+}
+
+fn collection_not_found(name: &str) -> Error {
+    Error::not_found(
+        "not_found",
+        format!("Collection not found: {name:?} holds no object"),
+    )
 }
 
 fn object_not_found(key: &str, collection: &str) -> Error {
@@ -406,7 +496,11 @@ mod tests {
 
         /// Handles a request as a worker and the writer together would.
         fn run(&self, req: &Req) -> Result<Resp, Error> {
-            match handle(req, &self.store)? {
+            let ctx = Ctx {
+                store: &self.store,
+                max_batch_ops: 5,
+            };
+            match handle(req, &ctx)? {
                 Answer::Now(resp) => Ok(resp),
                 Answer::AfterCommit(op, finish) => {
                     finish(self.submitter.as_ref().unwrap().write(op)?)
@@ -622,6 +716,166 @@ mod tests {
         assert_eq!(
             h.call(Method::Get, "/health", "").1,
             json!({"status":"healthy"})
+        );
+    }
+
+    #[test]
+    fn a_batch_runs_in_order_and_reports_each_op() {
+        let h = Harness::new();
+        h.call(
+            Method::Put,
+            "/objects?collection=users",
+            r#"{"key":"b","value":"old"}"#,
+        );
+        let body = r#"{"collection":"users","ops":[
+            {"op":"put","key":"a","value":{"n":1}},
+            {"op":"delete","key":"b"},
+            {"op":"get","key":"a"},
+            {"op":"put","key":"x","value":true,"collection":"flags"},
+            {"op":"delete","key":"nope"}]}"#;
+        let (status, resp) = h.call(Method::Post, "/batch", body);
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(
+            resp,
+            json!({"ok": true, "results": [
+                {"op":"put","key":"a","status":200},
+                {"op":"delete","key":"b","found":true},
+                {"op":"get","key":"a","found":true,"value":{"n":1}},
+                {"op":"put","key":"x","status":200},
+                {"op":"delete","key":"nope","found":false}]})
+        );
+        assert_eq!(
+            h.call(Method::Get, "/objects/x?collection=flags", "").1["value"],
+            true
+        );
+        assert_eq!(
+            h.call(Method::Get, "/objects/b?collection=users", "").0,
+            404
+        );
+        let (_, resp) = h.call(
+            Method::Post,
+            "/batch",
+            r#"{"ops":[{"op":"get","key":"a"}]}"#,
+        );
+        assert_eq!(
+            resp["results"][0],
+            json!({"op":"get","key":"a","found":false}),
+            "default collection"
+        );
+    }
+
+    #[test]
+    fn a_bad_op_rejects_the_whole_batch_with_its_index() {
+        let h = Harness::new();
+        for (ops, index, code) in [
+            (
+                r#"[{"op":"put","key":"a","value":1},{"op":"put","key":"b","value":2},{"op":"frob","key":"c"}]"#,
+                2,
+                "invalid_op",
+            ),
+            (
+                r#"[{"op":"put","key":"a","value":1},{"op":"put","key":"b"}]"#,
+                1,
+                "missing_value",
+            ),
+            (
+                r#"[{"op":"put","key":"a","value":1},{"op":"get"}]"#,
+                1,
+                "missing_key",
+            ),
+            (r#"[{"op":"delete","key":""}]"#, 0, "invalid_key"),
+            (
+                r#"[{"op":"get","key":"a","collection":7}]"#,
+                0,
+                "invalid_collection",
+            ),
+            (r#"[{"key":"a"}]"#, 0, "invalid_op"),
+            (r#"[1]"#, 0, "invalid_op"),
+        ] {
+            let (status, resp) = h.call(Method::Post, "/batch", &format!(r#"{{"ops":{ops}}}"#));
+            assert_eq!(
+                (status, &resp["code"], &resp["index"]),
+                (400, &json!(code), &json!(index)),
+                "{ops}: {resp}"
+            );
+        }
+        assert_eq!(
+            h.call(Method::Get, "/objects/a", "").0,
+            404,
+            "nothing applied"
+        );
+        for (body, status, code) in [
+            (r#"{"ops":[]}"#, 400, "invalid_batch"),
+            (r#"{"collection":"c"}"#, 400, "invalid_batch"),
+            (r#"{"ops":{"op":"get"}}"#, 400, "invalid_batch"),
+            (
+                r#"{"ops":[{"op":"get","key":"a"}],"collection":""}"#,
+                200,
+                "",
+            ),
+            (
+                r#"{"ops":[{"op":"get","key":"a"}],"collection":5}"#,
+                400,
+                "invalid_collection",
+            ),
+            ("[]", 400, "invalid_body"),
+            ("{", 400, "invalid_json"),
+        ] {
+            let (got, resp) = h.call(Method::Post, "/batch", body);
+            assert_eq!(got, status, "{body}: {resp}");
+            if status != 200 {
+                assert_eq!(resp["code"], code, "{body}");
+            }
+        }
+        let six = [r#"{"op":"get","key":"a"}"#; 6].join(",");
+        let (status, resp) = h.call(Method::Post, "/batch", &format!(r#"{{"ops":[{six}]}}"#));
+        assert_eq!((status, &resp["code"]), (413, &json!("too_many_ops")));
+        assert_eq!(h.call(Method::Get, "/batch", "").0, 405);
+    }
+
+    #[test]
+    fn collections_are_listed_counted_and_deleted() {
+        let h = Harness::new();
+        assert_eq!(
+            h.call(Method::Get, "/collections", "").1,
+            json!({"count":0,"collections":[]})
+        );
+        for (c, k) in [("users", "a"), ("users", "b"), ("a:b", "c"), ("users", "a")] {
+            h.call(
+                Method::Put,
+                &format!("/objects?collection={c}"),
+                &json!({"key": k, "value": 1}).to_string(),
+            );
+        }
+        assert_eq!(
+            h.call(Method::Get, "/collections", "").1,
+            json!({"count":2,"collections":[{"name":"a:b","count":1},{"name":"users","count":2}]})
+        );
+        assert_eq!(
+            h.call(Method::Get, "/collections/users", "").1,
+            json!({"name":"users","count":2})
+        );
+        assert_eq!(h.call(Method::Get, "/collections/a%3Ab", "").1["count"], 1);
+        assert_eq!(h.call(Method::Get, "/collections/none", "").0, 404);
+        assert_eq!(
+            h.call(Method::Delete, "/collections/users", "").1,
+            json!({"message":"Collection deleted successfully","name":"users","deleted":2})
+        );
+        assert_eq!(h.call(Method::Delete, "/collections/users", "").0, 404);
+        assert_eq!(
+            h.call(Method::Get, "/objects/c?collection=a:b", "").1["value"],
+            1
+        );
+        assert_eq!(h.call(Method::Get, "/collections/", "").1["count"], 1);
+        assert_eq!(h.call(Method::Put, "/collections/x", "").0, 405);
+        assert_eq!(
+            h.call(
+                Method::Get,
+                &format!("/collections/{}", "c".repeat(257)),
+                ""
+            )
+            .0,
+            400
         );
     }
 }

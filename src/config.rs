@@ -21,6 +21,8 @@ pub const MAX_MAX_BODY_BYTES: usize = 1_000_000_000;
 pub const DEFAULT_WORKERS: usize = 8;
 /// Default idle/stalled socket timeout.
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
+/// Default maximum number of ops in one `POST /batch`.
+pub const DEFAULT_MAX_BATCH_OPS: usize = 1000;
 
 /// How hard a commit is pushed to disk before the client hears 200.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +52,7 @@ pub struct Config {
     pub workers: usize,
     pub max_body_bytes: usize,
     pub io_timeout_secs: u64,
+    pub max_batch_ops: usize,
 }
 
 /// What the command line asks for.
@@ -82,6 +85,7 @@ Environment:
   KV_WORKERS           request worker threads (default 8)
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
+  KV_MAX_BATCH_OPS     most ops in one POST /batch (default 1000); more gets 413
   RUST_LOG             log filter: error, warn, info (default), debug (one line per request)
 ";
 
@@ -150,6 +154,13 @@ impl Config {
                 1,
                 86_400,
             )?,
+            max_batch_ops: parse_number(
+                "KV_MAX_BATCH_OPS",
+                env("KV_MAX_BATCH_OPS"),
+                DEFAULT_MAX_BATCH_OPS,
+                1,
+                1_000_000,
+            )?,
         };
         Ok(Command::Run(config))
     }
@@ -216,6 +227,7 @@ mod tests {
         assert_eq!(c.workers, DEFAULT_WORKERS);
         assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(c.io_timeout_secs, 30);
+        assert_eq!(c.max_batch_ops, 1000);
     }
 
     #[test]
@@ -229,6 +241,7 @@ mod tests {
                 ("KV_WORKERS", "3"),
                 ("KV_MAX_BODY_BYTES", "1024"),
                 ("KV_IO_TIMEOUT_SECS", "5"),
+                ("KV_MAX_BATCH_OPS", "10"),
             ],
             &[],
         );
@@ -239,6 +252,7 @@ mod tests {
         assert_eq!(c.workers, 3);
         assert_eq!(c.max_body_bytes, 1024);
         assert_eq!(c.io_timeout_secs, 5);
+        assert_eq!(c.max_batch_ops, 10);
     }
 
     #[test]
@@ -270,6 +284,7 @@ mod tests {
             (("KV_WORKERS", "0"), "KV_WORKERS"),
             (("KV_MAX_BODY_BYTES", "2000000000"), "KV_MAX_BODY_BYTES"),
             (("KV_IO_TIMEOUT_SECS", "0"), "KV_IO_TIMEOUT_SECS"),
+            (("KV_MAX_BATCH_OPS", "x"), "KV_MAX_BATCH_OPS"),
             (("DB_PATH", ""), "DB_PATH"),
         ] {
             let err = parse(&[env], &[]).unwrap_err();
@@ -297,6 +312,7 @@ mod tests {
             "KV_WORKERS",
             "KV_MAX_BODY_BYTES",
             "KV_IO_TIMEOUT_SECS",
+            "KV_MAX_BATCH_OPS",
             "RUST_LOG",
         ] {
             assert!(HELP.contains(name), "{name} missing from --help");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::api::{self, Answer, Method, Req, Resp};
+use crate::api::{self, Answer, Ctx, Method, Req, Resp};
 use crate::config::Config;
 use crate::error::Error;
 use crate::store::Store;
@@ -166,14 +166,18 @@ pub fn serve(config: &Config, writer: &Writer, stops: Sender<Stop>) -> Result<Se
             .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
         let submitter = writer.submitter();
         let queue = queue.clone();
-        let max_body_bytes = config.max_body_bytes;
+        let (max_body_bytes, max_batch_ops) = (config.max_body_bytes, config.max_batch_ops);
         let worker = thread::Builder::new()
             .name(format!("kv-worker-{n}"))
             .spawn(move || {
+                let ctx = Ctx {
+                    store: &store,
+                    max_batch_ops,
+                };
                 loop {
                     match queue.pop() {
                         Item::Request(request) => {
-                            handle(request, &store, &submitter, &queue, max_body_bytes)
+                            handle(request, &ctx, &submitter, &queue, max_body_bytes)
                         }
                         Item::Answer(request, result, started) => send(request, result, started),
                         Item::Stop => return,
@@ -305,7 +309,7 @@ fn accept(
 /// answer back once committed.
 fn handle(
     mut request: tiny_http::Request,
-    store: &Store,
+    ctx: &Ctx<'_>,
     submitter: &Submitter,
     queue: &Arc<Queue>,
     max_body_bytes: usize,
@@ -335,7 +339,7 @@ fn handle(
             query,
             body,
         };
-        catch_unwind(AssertUnwindSafe(|| api::handle(&req, store)))
+        catch_unwind(AssertUnwindSafe(|| api::handle(&req, ctx)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
     });
     match answer {

@@ -26,6 +26,22 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (collection, key)
     ) WITHOUT ROWID;",
+    // 2: object counts per collection, kept by triggers in the same transaction as every write, so
+    // counting a collection of a million objects is one lookup instead of a scan. A collection
+    // appears here while it holds at least one object.
+    "CREATE TABLE collections (
+        name TEXT NOT NULL PRIMARY KEY,
+        count INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TRIGGER kv_counted_insert AFTER INSERT ON kv BEGIN
+        INSERT INTO collections (name, count) VALUES (NEW.collection, 1)
+        ON CONFLICT (name) DO UPDATE SET count = count + 1;
+    END;
+    CREATE TRIGGER kv_counted_delete AFTER DELETE ON kv BEGIN
+        UPDATE collections SET count = count - 1 WHERE name = OLD.collection;
+        DELETE FROM collections WHERE name = OLD.collection AND count <= 0;
+    END;
+    INSERT INTO collections (name, count) SELECT collection, count(*) FROM kv GROUP BY collection;",
 ];
 
 /// One SQLite connection with kv's statements.
@@ -139,6 +155,37 @@ impl Store {
         Ok(count)
     }
 
+    /// Calls `each(name, count)` for every non-empty collection in ascending name order; returns how many.
+    pub fn collections(&self, mut each: impl FnMut(&str, u64)) -> Result<usize, rusqlite::Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, count FROM collections ORDER BY name")?;
+        let mut rows = stmt.query([])?;
+        let mut n = 0;
+        while let Some(row) = rows.next()? {
+            each(row.get_ref(0)?.as_str()?, count(row.get(1)?));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// How many objects a collection holds; `None` when it holds none.
+    pub fn collection_count(&self, name: &str) -> Result<Option<u64>, rusqlite::Error> {
+        self.conn
+            .prepare_cached("SELECT count FROM collections WHERE name = ?1")?
+            .query_row(params![name], |row| row.get(0).map(count))
+            .optional()
+    }
+
+    /// Removes every object of a collection; returns how many there were.
+    pub fn delete_collection(&self, name: &str) -> Result<u64, rusqlite::Error> {
+        let removed = self
+            .conn
+            .prepare_cached("DELETE FROM kv WHERE collection = ?1")?
+            .execute(params![name])?;
+        Ok(removed as u64)
+    }
+
     /// Inserts or replaces one object.
     pub fn put(&self, collection: &str, key: &str, value: &str) -> Result<(), rusqlite::Error> {
         self.conn
@@ -176,6 +223,11 @@ impl Store {
     pub fn is_autocommit(&self) -> bool {
         self.conn.is_autocommit()
     }
+}
+
+/// SQLite integers are signed; a count is never negative.
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }
 
 fn now_millis() -> i64 {
@@ -235,6 +287,57 @@ mod tests {
         assert_eq!(n, 4);
         assert_eq!(keys, ["Z", "a", "b", "é"]);
         assert_eq!(s.list("empty", |_, _| {}).unwrap(), 0);
+    }
+
+    fn counts(s: &Store) -> Vec<(String, u64)> {
+        let mut all = Vec::new();
+        s.collections(|name, n| all.push((name.to_string(), n)))
+            .unwrap();
+        all
+    }
+
+    #[test]
+    fn collection_counts_follow_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        s.put("b", "1", "1").unwrap();
+        s.put("b", "1", "2").unwrap(); // an overwrite is not a new object
+        s.put("b", "2", "1").unwrap();
+        s.put("a", "1", "1").unwrap();
+        assert_eq!(counts(&s), [("a".to_string(), 1), ("b".to_string(), 2)]);
+        assert_eq!(s.collection_count("b").unwrap(), Some(2));
+        assert!(s.delete("b", "1").unwrap());
+        assert!(!s.delete("b", "1").unwrap());
+        assert_eq!(s.collection_count("b").unwrap(), Some(1));
+        assert!(s.delete("a", "1").unwrap());
+        assert_eq!(
+            s.collection_count("a").unwrap(),
+            None,
+            "an emptied collection disappears"
+        );
+        assert_eq!(s.delete_collection("b").unwrap(), 1);
+        assert_eq!(s.delete_collection("b").unwrap(), 0);
+        assert!(counts(&s).is_empty());
+    }
+
+    #[test]
+    fn migrating_a_version_1_database_counts_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO kv VALUES ('x', 'a', '1', 0), ('x', 'b', '1', 0), ('y', 'a', '1', 0);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&path, Sync::Full).unwrap();
+        s.migrate().unwrap();
+        assert_eq!(counts(&s), [("x".to_string(), 2), ("y".to_string(), 1)]);
+        s.put("y", "b", "1").unwrap();
+        assert_eq!(s.collection_count("y").unwrap(), Some(2));
     }
 
     #[test]

@@ -33,6 +33,16 @@ pub enum Op {
         collection: String,
         key: String,
     },
+    /// Reads inside the write transaction: only useful in a batch, where it sees the earlier ops.
+    Get {
+        collection: String,
+        key: String,
+    },
+    DeleteCollection {
+        name: String,
+    },
+    /// All or nothing, in order.
+    Batch(Vec<Op>),
 }
 
 impl Op {
@@ -44,7 +54,11 @@ impl Op {
                 key,
                 value,
             } => collection.len() + key.len() + value.len(),
-            Op::Delete { collection, key } => collection.len() + key.len(),
+            Op::Delete { collection, key } | Op::Get { collection, key } => {
+                collection.len() + key.len()
+            }
+            Op::DeleteCollection { name } => name.len(),
+            Op::Batch(ops) => ops.iter().map(Op::bytes).sum(),
         }
     }
 }
@@ -55,6 +69,12 @@ pub enum Outcome {
     Stored,
     /// Whether the object existed.
     Deleted(bool),
+    /// The stored JSON text, if the object exists.
+    Value(Option<String>),
+    /// How many objects the deleted collection held.
+    DeletedCollection(u64),
+    /// One outcome per op of a batch, in order.
+    Batch(Vec<Outcome>),
 }
 
 /// The result of one write, known only after its transaction committed (or failed).
@@ -229,6 +249,23 @@ fn apply(store: &Store, op: &Op) -> Reply {
             Ok(Outcome::Stored)
         }
         Op::Delete { collection, key } => Ok(Outcome::Deleted(store.delete(collection, key)?)),
+        Op::Get { collection, key } => Ok(Outcome::Value(store.get(collection, key)?)),
+        Op::DeleteCollection { name } => {
+            Ok(Outcome::DeletedCollection(store.delete_collection(name)?))
+        }
+        Op::Batch(ops) => {
+            // A savepoint makes the batch all-or-nothing inside the group's transaction.
+            store.control("SAVEPOINT batch")?;
+            let outcomes: Result<Vec<Outcome>, Error> =
+                ops.iter().map(|op| apply(store, op)).collect();
+            if outcomes.is_err() && !store.is_autocommit() {
+                store.control("ROLLBACK TO batch")?;
+            }
+            if !store.is_autocommit() {
+                store.control("RELEASE batch")?;
+            }
+            Ok(Outcome::Batch(outcomes?))
+        }
     }
 }
 
@@ -287,6 +324,45 @@ mod tests {
         assert_eq!(handle.write(delete()).unwrap(), Outcome::Deleted(true));
         assert_eq!(handle.write(delete()).unwrap(), Outcome::Deleted(false));
         drop(handle);
+        writer.stop();
+    }
+
+    #[test]
+    fn a_batch_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = writer(&dir);
+        let w = writer.submitter();
+        let get = |key: &str| Op::Get {
+            collection: "c".into(),
+            key: key.into(),
+        };
+        let outcome = w
+            .write(Op::Batch(vec![put("a", "1"), get("a"), put("b", "2")]))
+            .unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Batch(vec![
+                Outcome::Stored,
+                Outcome::Value(Some("1".into())),
+                Outcome::Stored
+            ])
+        );
+        // The third op fails in SQLite: the first two vanish with it.
+        let failed = w.write(Op::Batch(vec![
+            put("c", "3"),
+            put("a", "changed"),
+            put("boom", "1"),
+        ]));
+        assert!(matches!(failed, Err(Error::Storage(_))), "{failed:?}");
+        assert_eq!(reader.get("c", "c").unwrap(), None);
+        assert_eq!(reader.get("c", "a").unwrap().as_deref(), Some("1"));
+        // The writer goes on, and a batch beside a failing one is unaffected.
+        assert_eq!(w.write(put("e", "5")).unwrap(), Outcome::Stored);
+        assert_eq!(
+            w.write(Op::DeleteCollection { name: "c".into() }).unwrap(),
+            Outcome::DeletedCollection(3)
+        );
+        drop(w);
         writer.stop();
     }
 

@@ -798,3 +798,179 @@ fn flags_override_the_environment() {
     assert!(dir.path().join("kv.sqlite3").exists());
     assert!(!other.path().join("kv.sqlite3").exists());
 }
+
+#[test]
+fn a_batch_applies_every_op_in_one_go() {
+    let (_dir, s) = server();
+    put_json(&s, Some("users"), "b", &json!("old"));
+    let body = json!({"collection": "users", "ops": [
+        {"op": "put", "key": "a", "value": {"n": 1}},
+        {"op": "delete", "key": "b"},
+        {"op": "get", "key": "a"},
+        {"op": "put", "key": "x", "value": true, "collection": "flags"},
+        {"op": "delete", "key": "never"},
+        {"op": "get", "key": "never"}
+    ]});
+    let resp = s.request("POST", "/batch", Some(body.to_string().as_bytes()));
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.json(),
+        json!({"ok": true, "results": [
+            {"op": "put", "key": "a", "status": 200},
+            {"op": "delete", "key": "b", "found": true},
+            {"op": "get", "key": "a", "found": true, "value": {"n": 1}},
+            {"op": "put", "key": "x", "status": 200},
+            {"op": "delete", "key": "never", "found": false},
+            {"op": "get", "key": "never", "found": false}
+        ]})
+    );
+    assert_eq!(
+        s.get("/objects/a?collection=users").json()["value"],
+        json!({"n": 1})
+    );
+    assert_eq!(s.get("/objects/b?collection=users").status, 404);
+    assert_eq!(s.get("/objects/x?collection=flags").json()["value"], true);
+}
+
+#[test]
+fn an_invalid_op_leaves_no_trace_of_the_others() {
+    let (_dir, s) = server();
+    let body = json!({"ops": [
+        {"op": "put", "key": "one", "value": 1},
+        {"op": "delete", "key": "two"},
+        {"op": "put", "key": "three"},
+        {"op": "put", "key": "four", "value": 4}
+    ]});
+    put_json(&s, None, "two", &json!(2));
+    let resp = s.request("POST", "/batch", Some(body.to_string().as_bytes()));
+    assert_eq!(resp.status, 400);
+    let json = resp.json();
+    assert_eq!(json["index"], 2);
+    assert_eq!(json["code"], "missing_value");
+    assert!(json["error"].as_str().unwrap().contains("op 2"));
+    assert_eq!(s.get("/objects/one").status, 404);
+    assert_eq!(s.get("/objects/two").json()["value"], 2);
+    assert_eq!(s.get("/objects/four").status, 404);
+
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"op": "get", "key": format!("k{i}")}))
+        .collect();
+    let resp = s.request(
+        "POST",
+        "/batch",
+        Some(json!({"ops": too_many}).to_string().as_bytes()),
+    );
+    assert_eq!(resp.status, 413);
+    assert_eq!(resp.json()["code"], "too_many_ops");
+    let resp = s.request("POST", "/batch", Some(br#"{"ops":[]}"#));
+    assert_eq!(
+        (resp.status, resp.json()["code"].clone()),
+        (400, json!("invalid_batch"))
+    );
+    let resp = s.request("PUT", "/batch", Some(br#"{"ops":[]}"#));
+    assert_eq!((resp.status, resp.header("allow")), (405, Some("POST")));
+    s.assert_healthy();
+}
+
+#[test]
+fn a_batch_killed_midway_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let value = "v".repeat(8000);
+    for (round, delay_ms) in [0u64, 5, 20, 60].into_iter().enumerate() {
+        let mut s = TestServer::start(dir.path());
+        let collection = format!("crash{round}");
+        let ops: Vec<Value> = (0..1000)
+            .map(|i| json!({"op": "put", "key": format!("k{i}"), "value": value}))
+            .collect();
+        let body = json!({"collection": collection, "ops": ops}).to_string();
+        let mut stream = s.connect();
+        let head = format!(
+            "POST /batch HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body.as_bytes()).unwrap();
+        thread::sleep(Duration::from_millis(delay_ms));
+        s.kill();
+        drop(stream);
+
+        let s = TestServer::start(dir.path());
+        let resp = s.get(&format!("/collections/{collection}"));
+        let count = if resp.status == 404 {
+            0
+        } else {
+            resp.json()["count"].as_u64().unwrap()
+        };
+        assert!(
+            count == 0 || count == 1000,
+            "round {round}: {count} of 1000 ops survived"
+        );
+        let listed = s.get(&format!("/objects?collection={collection}")).json();
+        assert_eq!(
+            listed["count"].as_u64().unwrap(),
+            count,
+            "the count table agrees with the data"
+        );
+    }
+}
+
+#[test]
+fn collections_are_counted_through_every_kind_of_write() {
+    let (_dir, s) = server();
+    assert_eq!(
+        s.get("/collections").json(),
+        json!({"count": 0, "collections": []})
+    );
+    for i in 0..5 {
+        put_json(&s, Some("users"), &format!("u{i}"), &json!(i));
+    }
+    put_json(&s, Some("users"), "u0", &json!("overwrite"));
+    put_json(&s, Some("a%3Ab"), "c", &json!(1));
+    put_json(&s, None, "d", &json!(1));
+    s.delete("/objects/u4?collection=users");
+    let batch = json!({"collection": "sessions", "ops": [
+        {"op": "put", "key": "s1", "value": 1},
+        {"op": "put", "key": "s2", "value": 2},
+        {"op": "delete", "key": "u3", "collection": "users"}
+    ]});
+    assert_eq!(
+        s.request("POST", "/batch", Some(batch.to_string().as_bytes()))
+            .status,
+        200
+    );
+    assert_eq!(
+        s.get("/collections").json(),
+        json!({"count": 4, "collections": [
+            {"name": "a:b", "count": 1},
+            {"name": "default", "count": 1},
+            {"name": "sessions", "count": 2},
+            {"name": "users", "count": 3}
+        ]})
+    );
+    assert_eq!(
+        s.get("/collections/users").json(),
+        json!({"name": "users", "count": 3})
+    );
+    assert_eq!(s.get("/collections/a%3Ab").json()["count"], 1);
+    assert_eq!(s.get("/collections/nobody").status, 404);
+
+    let resp = s.delete("/collections/users");
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.json(),
+        json!({"message": "Collection deleted successfully", "name": "users", "deleted": 3})
+    );
+    assert_eq!(s.delete("/collections/users").status, 404);
+    assert_eq!(
+        s.get("/objects?collection=users").json(),
+        json!({"count": 0, "objects": {}})
+    );
+    assert_eq!(s.get("/objects/s2?collection=sessions").json()["value"], 2);
+    assert_eq!(s.get("/objects/c?collection=a%3Ab").json()["value"], 1);
+    assert_eq!(s.get("/collections").json()["count"], 3);
+    let resp = s.request("POST", "/collections", None);
+    assert_eq!(
+        (resp.status, resp.header("allow")),
+        (405, Some("GET, HEAD"))
+    );
+}

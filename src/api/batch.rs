@@ -1,0 +1,190 @@
+//! `POST /batch`: checks every op of a batch before anything runs (so a bad op is a 400 naming its
+//! index and nothing is applied), turns them into one `Op::Batch` that the writer runs all-or-nothing
+//! inside one transaction, and builds the response from the outcomes.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{
+    Answer, DEFAULT_COLLECTION, MAX_COLLECTION_BYTES, Req, Resp, check_name, collection,
+    json_string, json_text, key_from_json, object_from_str, present,
+};
+use crate::error::Error;
+use crate::writer::{Op, Outcome};
+
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    collection: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ops: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawOp<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    key: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    value: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    collection: Option<&'a RawValue>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Put,
+    Delete,
+    Get,
+}
+
+/// Checks a batch and prepares it for the writer.
+pub(super) fn batch(req: &Req, max_ops: usize) -> Result<Answer, Error> {
+    let body: BatchBody<'_> = object_from_str(json_text(&req.body)?)?;
+    let default = match body.collection {
+        Some(raw) => collection_from_json(raw)?,
+        None => collection(&req.query)?,
+    };
+    let raw_ops = body
+        .ops
+        .ok_or_else(|| Error::bad_request("invalid_batch", "the body has no \"ops\" list"))?;
+    let raw_ops: Vec<&RawValue> = serde_json::from_str(raw_ops.get())
+        .map_err(|_| Error::bad_request("invalid_batch", "\"ops\" must be a list of ops"))?;
+    if raw_ops.is_empty() {
+        return Err(Error::bad_request("invalid_batch", "\"ops\" is empty"));
+    }
+    if raw_ops.len() > max_ops {
+        return Err(Error::TooLarge {
+            code: "too_many_ops",
+            message: format!(
+                "the batch has {} ops; the limit is {max_ops} (KV_MAX_BATCH_OPS)",
+                raw_ops.len()
+            ),
+        });
+    }
+    let mut ops = Vec::with_capacity(raw_ops.len());
+    let mut labels = Vec::with_capacity(raw_ops.len());
+    for (index, raw) in raw_ops.iter().enumerate() {
+        let (kind, op) = parse_op(raw, &default).map_err(|e| at_index(e, index))?;
+        let key = match &op {
+            Op::Put { key, .. } | Op::Delete { key, .. } | Op::Get { key, .. } => json_string(key),
+            _ => String::new(),
+        };
+        labels.push((kind, key));
+        ops.push(op);
+    }
+    Ok(Answer::AfterCommit(
+        Op::Batch(ops),
+        Box::new(move |outcome| respond(&labels, outcome)),
+    ))
+}
+
+fn parse_op(raw: &RawValue, default: &str) -> Result<(Kind, Op), Error> {
+    let raw: RawOp<'_> = object_from_str(raw.get()).map_err(|e| match e {
+        Error::BadRequest { message, .. } => Error::bad_request("invalid_op", message),
+        other => other,
+    })?;
+    let kind = match raw.op.map(|op| serde_json::from_str::<String>(op.get())) {
+        None => return Err(Error::bad_request("invalid_op", "the op has no \"op\"")),
+        Some(Ok(op)) if op == "put" => Kind::Put,
+        Some(Ok(op)) if op == "delete" => Kind::Delete,
+        Some(Ok(op)) if op == "get" => Kind::Get,
+        Some(_) => {
+            return Err(Error::bad_request(
+                "invalid_op",
+                "\"op\" must be \"put\", \"delete\" or \"get\"",
+            ));
+        }
+    };
+    let key = key_from_json(raw.key)?;
+    let collection = match raw.collection {
+        Some(raw) => collection_from_json(raw)?,
+        None => default.to_string(),
+    };
+    let op = match kind {
+        Kind::Put => {
+            let value = raw.value.ok_or_else(|| {
+                Error::bad_request(
+                    "missing_value",
+                    "a put op has no \"value\" (use \"value\": null to store null)",
+                )
+            })?;
+            Op::Put {
+                collection,
+                key,
+                value: value.get().to_string(),
+            }
+        }
+        Kind::Delete => Op::Delete { collection, key },
+        Kind::Get => Op::Get { collection, key },
+    };
+    Ok((kind, op))
+}
+
+/// A collection given in the body: a string, where empty means `default`.
+fn collection_from_json(raw: &RawValue) -> Result<String, Error> {
+    let name: String = serde_json::from_str(raw.get())
+        .map_err(|_| Error::bad_request("invalid_collection", "\"collection\" must be a string"))?;
+    if name.is_empty() {
+        return Ok(DEFAULT_COLLECTION.to_string());
+    }
+    check_name(
+        "collection name",
+        &name,
+        MAX_COLLECTION_BYTES,
+        "invalid_collection",
+    )?;
+    Ok(name)
+}
+
+fn at_index(e: Error, index: usize) -> Error {
+    match e {
+        Error::BadRequest { code, message, .. } => Error::BadRequest {
+            code,
+            message: format!("op {index}: {message}"),
+            index: Some(index),
+        },
+        other => other,
+    }
+}
+
+/// `{"ok":true,"results":[...]}`, one result per op, values spliced in as stored.
+fn respond(labels: &[(Kind, String)], outcome: Outcome) -> Result<Resp, Error> {
+    let Outcome::Batch(outcomes) = outcome else {
+        return Err(Error::Internal(
+            "the writer answered a batch with a single outcome".into(),
+        ));
+    };
+    let mut body = String::from(r#"{"ok":true,"results":["#);
+    for (i, ((kind, key), outcome)) in labels.iter().zip(outcomes).enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        match (kind, outcome) {
+            (Kind::Put, _) => {
+                body.push_str(&format!(r#"{{"op":"put","key":{key},"status":200}}"#));
+            }
+            (Kind::Delete, Outcome::Deleted(found)) => {
+                body.push_str(&format!(r#"{{"op":"delete","key":{key},"found":{found}}}"#));
+            }
+            (Kind::Get, Outcome::Value(Some(value))) => {
+                body.push_str(&format!(
+                    r#"{{"op":"get","key":{key},"found":true,"value":"#
+                ));
+                body.push_str(&value);
+                body.push('}');
+            }
+            (Kind::Get, Outcome::Value(None)) => {
+                body.push_str(&format!(r#"{{"op":"get","key":{key},"found":false}}"#));
+            }
+            (_, other) => {
+                return Err(Error::Internal(format!(
+                    "the writer answered op {i} with {other:?}"
+                )));
+            }
+        }
+    }
+    body.push_str("]}");
+    Ok(Resp { status: 200, body })
+}
