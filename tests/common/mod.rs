@@ -195,28 +195,26 @@ impl TestServer {
 
     /// Sends SIGTERM and waits (up to `within`) for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
-        self.signal("TERM");
+        self.signal(libc::SIGTERM);
         self.wait(within)
     }
 
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
-        self.signal("KILL");
+        self.signal(libc::SIGKILL);
         self.wait(Duration::from_secs(10));
     }
 
     /// SIGINT, as Ctrl-C sends.
     pub fn signal_int(&self) {
-        self.signal("INT");
+        self.signal(libc::SIGINT);
     }
 
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) only sends a signal; the pid is our own live child.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "kill({pid}, {signal}) failed");
     }
 
     /// Waits for the process to exit, failing the test after `within`.

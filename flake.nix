@@ -1,0 +1,178 @@
+{
+  description = "kv: a small, durable key-value store with an HTTP/JSON API";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+        "x86_64-darwin"
+        "aarch64-darwin"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      # The package as a callPackage function, so that the overlay builds kv with the consumer's pkgs.
+      kvPackage =
+        { lib, rustPlatform }:
+        rustPlatform.buildRustPackage {
+          pname = "kv";
+          inherit ((lib.importTOML ./Cargo.toml).package) version;
+
+          # Only what cargo needs: editing the README or the Nix files does not rebuild kv.
+          src = lib.fileset.toSource {
+            root = ./.;
+            fileset = lib.fileset.unions [
+              ./Cargo.toml
+              ./Cargo.lock
+              ./src
+              (lib.fileset.maybeMissing ./tests)
+              (lib.fileset.maybeMissing ./examples)
+            ];
+          };
+
+          cargoLock.lockFile = ./Cargo.lock;
+
+          # checkPhase runs `cargo test`: the integration tests start the real binary on
+          # 127.0.0.1 with PORT=0 and temporary data directories; no network needed.
+          __darwinAllowLocalNetworking = true;
+
+          meta = {
+            description = "Small, durable key-value store with an HTTP/JSON API";
+            license = lib.licenses.mit;
+            mainProgram = "kv";
+            platforms = lib.platforms.linux ++ lib.platforms.darwin;
+          };
+        };
+
+      # OCI image: kv on 0.0.0.0:3300, data in the /data volume, running as nobody (65534).
+      kvImage =
+        pkgs: kv:
+        pkgs.dockerTools.buildLayeredImage {
+          name = "kv";
+          tag = kv.version;
+          # /data is owned by the runtime user, so a named volume starts out writable;
+          # /tmp for SQLite's temporary files.
+          fakeRootCommands = ''
+            mkdir -p data tmp
+            chown 65534:65534 data
+            chmod 0700 data
+            chmod 1777 tmp
+          '';
+          config = {
+            Entrypoint = [ (lib.getExe kv) ];
+            User = "65534:65534";
+            WorkingDir = "/data";
+            Env = [
+              "KV_HOST=0.0.0.0"
+              "PORT=3300"
+              "DB_PATH=/data"
+            ];
+            ExposedPorts."3300/tcp" = { };
+            Volumes."/data" = { };
+            StopSignal = "SIGTERM";
+          };
+        };
+
+      vmTest =
+        pkgs:
+        pkgs.testers.runNixOSTest {
+          name = "kv";
+          nodes.machine =
+            { pkgs, ... }:
+            {
+              imports = [ self.nixosModules.default ];
+              services.kv.enable = true;
+              environment.systemPackages = [ pkgs.curl ];
+            };
+          testScript = ''
+            import json
+
+            url = "http://127.0.0.1:3300"
+
+            def get_value(key):
+                body = machine.succeed(f"curl --fail --silent {url}/objects/{key}")
+                return json.loads(body)["value"]
+
+            machine.wait_for_unit("kv.service")
+            machine.wait_for_open_port(3300)
+            machine.succeed(f"curl --fail --silent {url}/health")
+
+            with subtest("PUT then GET returns the value"):
+                machine.succeed(
+                    "curl --fail --silent -X PUT -H 'Content-Type: application/json' "
+                    + """--data '{"key": "greeting", "value": {"text": "hello"}}' """
+                    + f"{url}/objects"
+                )
+                assert get_value("greeting") == {"text": "hello"}
+
+            with subtest("kv does not run as root"):
+                pid = machine.succeed("systemctl show --property=MainPID --value kv.service").strip()
+                assert pid != "0", "kv.service has no main process"
+                uids = machine.succeed(f"grep '^Uid:' /proc/{pid}/status").split()[1:]
+                assert "0" not in uids, f"kv runs with uid 0: {uids}"
+
+            with subtest("the value survives a restart"):
+                machine.succeed("systemctl restart kv.service")
+                machine.wait_for_unit("kv.service")
+                machine.wait_for_open_port(3300)
+                assert get_value("greeting") == {"text": "hello"}
+                machine.succeed("test -s /var/lib/private/kv/kv.sqlite3")
+
+            with subtest("SIGTERM stops kv cleanly"):
+                machine.succeed("systemctl stop kv.service")
+                result = machine.succeed("systemctl show --property=Result --value kv.service").strip()
+                status = machine.succeed("systemctl show --property=ExecMainStatus --value kv.service").strip()
+                assert result == "success" and status == "0", f"stop: Result={result} ExecMainStatus={status}"
+          '';
+        };
+    in
+    {
+      packages = forAllSystems (
+        pkgs:
+        let
+          kv = pkgs.callPackage kvPackage { };
+        in
+        {
+          inherit kv;
+          default = kv;
+        }
+        // lib.optionalAttrs pkgs.stdenv.hostPlatform.isLinux { image = kvImage pkgs kv; }
+      );
+
+      overlays.default = final: _prev: { kv = final.callPackage kvPackage { }; };
+
+      nixosModules.default =
+        { lib, pkgs, ... }:
+        {
+          imports = [ ./nixos-module.nix ];
+          services.kv.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        };
+
+      checks = forAllSystems (
+        pkgs:
+        { package = self.packages.${pkgs.stdenv.hostPlatform.system}.default; }
+        // lib.optionalAttrs pkgs.stdenv.hostPlatform.isLinux { nixos = vmTest pkgs; }
+      );
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          packages = [
+            pkgs.cargo
+            pkgs.rustc
+            pkgs.clippy
+            pkgs.rustfmt
+            pkgs.rust-analyzer
+            pkgs.sqlite
+          ];
+        };
+      });
+
+      # nixfmt-tree runs nixfmt (RFC 166 style) over the whole tree, so a bare `nix fmt` works.
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
+    };
+}

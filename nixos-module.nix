@@ -1,0 +1,255 @@
+# NixOS module for kv: `services.kv`.
+#
+# A plain module, importable without the flake. The flake's `nixosModules.default` imports it and
+# sets `services.kv.package` to the flake's own build (with mkDefault, so a user value wins).
+#
+# kv is configured only through environment variables. Every variable set in `environment` below
+# must be one that `kv --help` documents (.ci/nix-check enforces this).
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    mkEnableOption
+    mkPackageOption
+    mkOption
+    mkIf
+    types
+    ;
+
+  cfg = config.services.kv;
+
+  # systemd's StateDirectory = "kv" (really /var/lib/private/kv with DynamicUser). The only
+  # writable path under ProtectSystem = "strict", so there is no option to move it.
+  stateDir = "/var/lib/kv";
+
+  # Variables the typed options own; `environment` may not set them (see the assertion).
+  ownedVariables = [
+    "PORT"
+    "KV_HOST"
+    "DB_PATH"
+    "KV_SYNC"
+    "KV_MAX_BODY_BYTES"
+    "KV_WORKERS"
+    "RUST_LOG"
+  ];
+
+  isLoopback =
+    host:
+    builtins.elem host [
+      "localhost"
+      "::1"
+      "[::1]"
+    ]
+    || lib.hasPrefix "127." host
+    || lib.hasPrefix "::ffff:127." host;
+
+  # For messages: "[::]:3300" rather than ":::3300".
+  hostPort =
+    if lib.hasInfix ":" cfg.host && !(lib.hasPrefix "[" cfg.host) then
+      "[${cfg.host}]:${toString cfg.port}"
+    else
+      "${cfg.host}:${toString cfg.port}";
+
+  # Ports below 1024 need CAP_NET_BIND_SERVICE. PrivateUsers would leave that capability valid only
+  # inside the service's own user namespace, so it is turned off for those ports.
+  privilegedPort = cfg.port != 0 && cfg.port < 1024;
+in
+{
+  options.services.kv = {
+    enable = mkEnableOption "kv, a small, durable key-value store with an HTTP/JSON API";
+
+    package = mkPackageOption pkgs "kv" { };
+
+    host = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = ''
+        Address kv listens on (`KV_HOST`): an IP address or a host name.
+        kv has no authentication: on anything but a loopback address every client that can reach
+        it can read and write all data, so put an authenticating reverse proxy in front of it.
+      '';
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 3300;
+      description = "TCP port kv listens on (`PORT`).";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether to open {option}`services.kv.port` in the firewall. Only useful together with a
+        non-loopback {option}`services.kv.host`.
+      '';
+    };
+
+    sync = mkOption {
+      type = types.enum [
+        "full"
+        "normal"
+      ];
+      default = "full";
+      description = ''
+        SQLite `synchronous` mode (`KV_SYNC`). `full`: a write acknowledged with 200 survives power
+        loss. `normal`: faster; it survives a crash of kv, but the last writes may be lost on power loss.
+      '';
+    };
+
+    maxBodyBytes = mkOption {
+      type = types.ints.between 1 1000000000;
+      default = 16777216;
+      example = 1048576;
+      description = "Largest request body in bytes (`KV_MAX_BODY_BYTES`); larger requests get 413.";
+    };
+
+    workers = mkOption {
+      type = types.nullOr (types.ints.between 1 1024);
+      default = null;
+      example = 16;
+      description = ''
+        Number of request worker threads (`KV_WORKERS`). `null` leaves kv's own default (8).
+      '';
+    };
+
+    logLevel = mkOption {
+      type = types.str;
+      default = "info";
+      example = "debug";
+      description = ''
+        Log filter (`RUST_LOG`, env_logger syntax): `error`, `warn`, `info`, or `debug` (one line
+        per request).
+      '';
+    };
+
+    environment = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          KV_IO_TIMEOUT_SECS = "60";
+          KV_MAX_BATCH_OPS = "5000";
+        }
+      '';
+      description = ''
+        Extra environment variables for kv, for settings without an option here (see `kv --help`).
+        Variables that an option above sets (${lib.concatMapStringsSep ", " (v: "`${v}`") ownedVariables})
+        are not allowed here.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/kv.env";
+      description = ''
+        A file of `NAME=value` lines loaded by systemd (`EnvironmentFile=`); its variables override
+        all others. It is read as root before kv starts, so it may be readable by root only. Give it
+        as a string: a Nix path literal would be copied into the world-readable Nix store.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = builtins.all (name: !(cfg.environment ? ${name})) ownedVariables;
+        message =
+          "services.kv.environment sets "
+          + lib.concatStringsSep ", " (builtins.filter (name: cfg.environment ? ${name}) ownedVariables)
+          + ", which a typed services.kv option owns: use host, port, sync, maxBodyBytes, workers or "
+          + "logLevel instead (DB_PATH is always ${stateDir}).";
+      }
+    ];
+
+    warnings = lib.optional (!isLoopback cfg.host) (
+      "services.kv.host is \"${cfg.host}\", which is not a loopback address. kv has no authentication: "
+      + "every client that can reach ${hostPort} can read and write all data. "
+      + "Put an authenticating reverse proxy in front of kv, or listen on 127.0.0.1."
+    );
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
+
+    systemd.services.kv = {
+      description = "kv key-value store";
+      wantedBy = [ "multi-user.target" ];
+      # network-online: a non-loopback host must be configured before kv can bind to it.
+      after = [
+        "network.target"
+        "network-online.target"
+      ];
+      wants = [ "network-online.target" ];
+
+      environment = cfg.environment // {
+        PORT = toString cfg.port;
+        KV_HOST = cfg.host;
+        DB_PATH = stateDir;
+        KV_SYNC = cfg.sync;
+        KV_MAX_BODY_BYTES = toString cfg.maxBodyBytes;
+        KV_WORKERS = mkIf (cfg.workers != null) (toString cfg.workers);
+        RUST_LOG = cfg.logLevel;
+      };
+
+      serviceConfig = {
+        ExecStart = lib.getExe cfg.package;
+        EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        Restart = "on-failure";
+
+        # kv finishes the requests in flight and checkpoints the WAL on SIGTERM, within about 5 s.
+        KillSignal = "SIGTERM";
+        TimeoutStopSec = "30s";
+
+        # Each connection costs a thread and a file descriptor.
+        LimitNOFILE = 65536;
+
+        DynamicUser = true;
+        StateDirectory = "kv";
+        StateDirectoryMode = "0700";
+        UMask = "0077";
+
+        # Hardening: kv needs none of these powers.
+        AmbientCapabilities = mkIf privilegedPort [ "CAP_NET_BIND_SERVICE" ];
+        CapabilityBoundingSet = if privilegedPort then [ "CAP_NET_BIND_SERVICE" ] else "";
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        NoNewPrivileges = true;
+        PrivateDevices = true;
+        PrivateTmp = true;
+        PrivateUsers = !privilegedPort;
+        ProcSubset = "pid";
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHome = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        ProtectSystem = "strict";
+        RemoveIPC = true;
+        # AF_UNIX: glibc resolves a host name in KV_HOST through nscd's Unix socket.
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+      };
+    };
+  };
+
+  meta.maintainers = [ ];
+}
