@@ -175,7 +175,7 @@ fn put(req: &Req) -> Result<Answer, Error> {
 
 fn get(req: &Req, store: &Store, encoded_key: &str) -> Result<Resp, Error> {
     let collection = collection(&req.query)?;
-    let key = key_from_path(encoded_key)?;
+    let key = Name::Key.parse_path(encoded_key)?;
     let value = store
         .get(&collection, &key)?
         .ok_or_else(|| object_not_found(&key, &collection))?;
@@ -208,7 +208,7 @@ fn list(req: &Req, store: &Store) -> Result<Resp, Error> {
 
 fn delete(req: &Req, encoded_key: &str) -> Result<Answer, Error> {
     let collection = collection(&req.query)?;
-    let key = key_from_path(encoded_key)?;
+    let key = Name::Key.parse_path(encoded_key)?;
     let found = Resp::ok(format!(
         r#"{{"message":"Object deleted successfully","key":{}}}"#,
         json_string(&key)
@@ -242,7 +242,7 @@ fn collections(store: &Store) -> Result<Resp, Error> {
 }
 
 fn collection_count(store: &Store, encoded_name: &str) -> Result<Resp, Error> {
-    let name = collection_from_path(encoded_name)?;
+    let name = Name::Collection.parse_path(encoded_name)?;
     let count = store
         .collection_count(&name)?
         .ok_or_else(|| collection_not_found(&name))?;
@@ -253,7 +253,7 @@ fn collection_count(store: &Store, encoded_name: &str) -> Result<Resp, Error> {
 }
 
 fn delete_collection(encoded_name: &str) -> Result<Answer, Error> {
-    let name = collection_from_path(encoded_name)?;
+    let name = Name::Collection.parse_path(encoded_name)?;
     let absent = collection_not_found(&name);
     let quoted = json_string(&name);
     Ok(Answer::AfterCommit(
@@ -265,22 +265,6 @@ fn delete_collection(encoded_name: &str) -> Result<Answer, Error> {
             _ => Err(absent),
         }),
     ))
-}
-
-fn collection_from_path(encoded: &str) -> Result<String, Error> {
-    let name = percent_decode(encoded, false).ok_or_else(|| {
-        Error::bad_request(
-            "invalid_collection",
-            "the collection name in the path is not validly percent-encoded UTF-8",
-        )
-    })?;
-    check_name(
-        "collection name",
-        &name,
-        MAX_COLLECTION_BYTES,
-        "invalid_collection",
-    )?;
-    Ok(name)
 }
 
 fn collection_not_found(name: &str) -> Error {
@@ -338,23 +322,79 @@ fn body_error(e: &serde_json::Error) -> Error {
     }
 }
 
-fn key_from_json(raw: Option<&RawValue>) -> Result<String, Error> {
-    let raw = raw.ok_or_else(|| Error::bad_request("missing_key", "the body has no \"key\""))?;
-    let key: String = serde_json::from_str(raw.get())
-        .map_err(|_| Error::bad_request("invalid_key", "\"key\" must be a string"))?;
-    check_name("key", &key, MAX_KEY_BYTES, "invalid_key")?;
-    Ok(key)
+/// The two kinds of names a request carries, with their limits and error codes.
+#[derive(Clone, Copy)]
+enum Name {
+    Key,
+    Collection,
 }
 
-fn key_from_path(encoded: &str) -> Result<String, Error> {
-    let key = percent_decode(encoded, false).ok_or_else(|| {
-        Error::bad_request(
-            "invalid_key",
-            "the key in the path is not validly percent-encoded UTF-8",
-        )
-    })?;
-    check_name("key", &key, MAX_KEY_BYTES, "invalid_key")?;
-    Ok(key)
+impl Name {
+    fn what(self) -> &'static str {
+        match self {
+            Name::Key => "key",
+            Name::Collection => "collection name",
+        }
+    }
+
+    fn max_bytes(self) -> usize {
+        match self {
+            Name::Key => MAX_KEY_BYTES,
+            Name::Collection => MAX_COLLECTION_BYTES,
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Name::Key => "invalid_key",
+            Name::Collection => "invalid_collection",
+        }
+    }
+
+    fn error(self, message: String) -> Error {
+        Error::bad_request(self.code(), message)
+    }
+
+    /// Keys and collection names: non-empty UTF-8 without control characters, up to a byte limit.
+    fn check(self, name: String) -> Result<String, Error> {
+        let (what, max) = (self.what(), self.max_bytes());
+        if name.is_empty() {
+            return Err(self.error(format!("the {what} must not be empty")));
+        }
+        if name.len() > max {
+            let len = name.len();
+            return Err(self.error(format!(
+                "the {what} is {len} bytes long; the limit is {max}"
+            )));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(self.error(format!("the {what} must not contain control characters")));
+        }
+        Ok(name)
+    }
+
+    /// A name given as a percent-encoded path segment.
+    fn parse_path(self, encoded: &str) -> Result<String, Error> {
+        let name = percent_decode(encoded, false).ok_or_else(|| {
+            let what = self.what();
+            self.error(format!(
+                "the {what} in the path is not validly percent-encoded UTF-8"
+            ))
+        })?;
+        self.check(name)
+    }
+
+    /// A name given as a JSON value, which must be a string.
+    fn parse_json(self, raw: &RawValue) -> Result<String, Error> {
+        let name = serde_json::from_str(raw.get())
+            .map_err(|_| self.error(format!("the {} must be a JSON string", self.what())))?;
+        self.check(name)
+    }
+}
+
+fn key_from_json(raw: Option<&RawValue>) -> Result<String, Error> {
+    let raw = raw.ok_or_else(|| Error::bad_request("missing_key", "the body has no \"key\""))?;
+    Name::Key.parse_json(raw)
 }
 
 /// The `collection` query parameter; absent or empty means `default`.
@@ -381,42 +421,8 @@ fn collection(query: &str) -> Result<String, Error> {
     match found {
         None => Ok(DEFAULT_COLLECTION.to_string()),
         Some(name) if name.is_empty() => Ok(DEFAULT_COLLECTION.to_string()),
-        Some(name) => {
-            check_name(
-                "collection name",
-                &name,
-                MAX_COLLECTION_BYTES,
-                "invalid_collection",
-            )?;
-            Ok(name)
-        }
+        Some(name) => Name::Collection.check(name),
     }
-}
-
-/// Keys and collection names: non-empty UTF-8 without control characters, up to `max` bytes.
-fn check_name(what: &str, name: &str, max: usize, code: &'static str) -> Result<(), Error> {
-    if name.is_empty() {
-        return Err(Error::bad_request(
-            code,
-            format!("the {what} must not be empty"),
-        ));
-    }
-    if name.len() > max {
-        return Err(Error::bad_request(
-            code,
-            format!(
-                "the {what} is {} bytes long; the limit is {max}",
-                name.len()
-            ),
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(Error::bad_request(
-            code,
-            format!("the {what} must not contain control characters"),
-        ));
-    }
-    Ok(())
 }
 
 /// Decodes `%XX` escapes (and, in a query, `+` as a space). `None` for a bad escape or bad UTF-8.

@@ -749,19 +749,12 @@ fn startup_failures_exit_nonzero_with_one_line() {
 
 #[test]
 fn help_and_version() {
+    // The unit tests check that the help names every variable; here, that the binary prints it.
     let (status, stdout, _) = run_to_exit(&[], &["--help"]);
     assert!(status.success());
-    for name in [
-        "PORT",
-        "KV_HOST",
-        "DB_PATH",
-        "KV_SYNC",
-        "KV_WORKERS",
-        "KV_MAX_BODY_BYTES",
-        "KV_IO_TIMEOUT_SECS",
-    ] {
-        assert!(stdout.contains(name), "{name}");
-    }
+    assert!(
+        stdout.starts_with("kv: ") && stdout.contains("Usage: kv") && stdout.contains("KV_SYNC")
+    );
     let (status, stdout, _) = run_to_exit(&[], &["--version"]);
     assert!(status.success());
     assert_eq!(stdout.trim(), format!("kv {}", env!("CARGO_PKG_VERSION")));

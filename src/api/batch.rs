@@ -6,8 +6,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Answer, DEFAULT_COLLECTION, MAX_COLLECTION_BYTES, Req, Resp, check_name, collection,
-    json_string, json_text, key_from_json, object_from_str, present,
+    Answer, DEFAULT_COLLECTION, Name, Req, Resp, collection, json_string, json_text, key_from_json,
+    object_from_str, present,
 };
 use crate::error::Error;
 use crate::writer::{Op, Outcome};
@@ -124,18 +124,10 @@ fn parse_op(raw: &RawValue, default: &str) -> Result<(Kind, Op), Error> {
 
 /// A collection given in the body: a string, where empty means `default`.
 fn collection_from_json(raw: &RawValue) -> Result<String, Error> {
-    let name: String = serde_json::from_str(raw.get())
-        .map_err(|_| Error::bad_request("invalid_collection", "\"collection\" must be a string"))?;
-    if name.is_empty() {
+    if raw.get() == "\"\"" {
         return Ok(DEFAULT_COLLECTION.to_string());
     }
-    check_name(
-        "collection name",
-        &name,
-        MAX_COLLECTION_BYTES,
-        "invalid_collection",
-    )?;
-    Ok(name)
+    Name::Collection.parse_json(raw)
 }
 
 fn at_index(e: Error, index: usize) -> Error {
