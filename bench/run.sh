@@ -4,11 +4,13 @@
 # Usage: bench/run.sh            (about 5 minutes; DURATION=2 bench/run.sh is a quick smoke run)
 # Settings (environment): DURATION seconds per measured run (8), CONNECTIONS (32), KEYS per value
 # size (10000), MIN_DELETE_KEYS (200000), KV_WORKERS (kv's default; the bare server gets the same
-# number, default 8), SKIP_BUILD=1, KEEP_DATA=1. Writes bench/results/latest.md (and latest-raw.txt).
+# number, default 2 per CPU like kv), SKIP_BUILD=1, KEEP_DATA=1. Writes bench/results/latest.md (and latest-raw.txt).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 COMMAND=$(command_line DURATION CONNECTIONS KEYS MIN_DELETE_KEYS KV_WORKERS SKIP_BUILD KEEP_DATA)
+# The bare server gets as many workers as kv: KV_WORKERS, else kv's default of 2 per CPU.
+BARE_WORKERS=${KV_WORKERS:-$((2 * $(nproc)))}
 DURATION=${DURATION:-8}
 CONNECTIONS=${CONNECTIONS:-32}
 KEYS=${KEYS:-10000}
@@ -49,7 +51,7 @@ HEADER=$WORK/header.md
 	echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 	describe_machine
 	echo "- every run: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\` (keep-alive), one client thread sharing the CPUs with the server"
-	echo "- kv: fresh data dir per sync mode, KV_WORKERS=${KV_WORKERS:-default}; bare: examples/bare.rs, WORKERS=${KV_WORKERS:-8}"
+	echo "- kv: fresh data dir per sync mode, KV_WORKERS=${KV_WORKERS:-default}; bare: examples/bare.rs, WORKERS=$BARE_WORKERS"
 } >"$HEADER"
 cat "$HEADER"
 echo
@@ -138,7 +140,7 @@ done
 
 for class in "${BARE_CLASSES[@]}"; do
 	log "bare server, ${BARE_BYTES[$class]} B body"
-	start_server BARE "$RAW/bare-$class.log" PORT=0 WORKERS="${KV_WORKERS:-8}" BODY_BYTES="${BARE_BYTES[$class]}" -- "$BARE_BIN"
+	start_server BARE "$RAW/bare-$class.log" PORT=0 WORKERS="$BARE_WORKERS" BODY_BYTES="${BARE_BYTES[$class]}" -- "$BARE_BIN"
 	for w in "${WORKLOADS[@]}"; do
 		# shellcheck disable=SC2153 # BARE_PID and BARE_PORT are set by start_server
 		if [[ ${w##*|} == "$class" ]]; then measure bare "${w%%|*}" "$BARE_PORT" "$BARE_PID"; fi

@@ -160,7 +160,9 @@ fn serve(server: &tiny_http::Server, body: &str, json: &tiny_http::Header) -> Re
             continue;
         }
         // The same calls kv makes, so the response headers are the same too.
-        let mut response = tiny_http::Response::from_string(body).with_status_code(200);
+        let mut response = tiny_http::Response::from_string(body)
+            .with_status_code(200)
+            .with_chunked_threshold(usize::MAX);
         response.add_header(json.clone());
         // The client may have gone away; that is its business.
         let _ = request.respond(response);

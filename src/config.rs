@@ -17,8 +17,8 @@ pub const DEFAULT_DB_PATH: &str = "./data";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// SQLite cannot store a value over 1,000,000,000 bytes, so no body may be larger.
 pub const MAX_MAX_BODY_BYTES: usize = 1_000_000_000;
-/// Default worker threads (see README, Performance, for the measurement behind it).
-pub const DEFAULT_WORKERS: usize = 8;
+/// Default worker threads per CPU (see README, Performance, for the measurement behind it).
+pub const DEFAULT_WORKERS_PER_CPU: usize = 2;
 /// Default idle/stalled socket timeout.
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
 /// Default maximum number of ops in one `POST /batch`.
@@ -82,7 +82,7 @@ Environment:
   KV_HOST              see --host
   DB_PATH              see --db-path
   KV_SYNC              full (default): a 200 survives power loss; normal: it survives a crash of kv only
-  KV_WORKERS           request worker threads (default 8)
+  KV_WORKERS           request worker threads (default 2 per CPU)
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
   KV_MAX_BATCH_OPS     most ops in one POST /batch (default 1000); more gets 413
@@ -139,7 +139,7 @@ impl Config {
                     return Err(format!("KV_SYNC must be 'full' or 'normal', not '{other}'"));
                 }
             },
-            workers: parse_number("KV_WORKERS", env("KV_WORKERS"), DEFAULT_WORKERS, 1, 1024)?,
+            workers: parse_number("KV_WORKERS", env("KV_WORKERS"), default_workers(), 1, 1024)?,
             max_body_bytes: parse_number(
                 "KV_MAX_BODY_BYTES",
                 env("KV_MAX_BODY_BYTES"),
@@ -174,6 +174,13 @@ impl Config {
     pub fn db_file(&self) -> PathBuf {
         self.db_path.join("kv.sqlite3")
     }
+}
+
+/// Two workers per CPU: writes do not hold a worker, so more only add context switches, but a
+/// spare one per CPU keeps a slow request (a LIST of a huge collection) from stalling the rest.
+pub fn default_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus * DEFAULT_WORKERS_PER_CPU).clamp(2, 64)
 }
 
 fn parse_number<T>(name: &str, raw: Option<String>, default: T, min: T, max: T) -> Result<T, String>
@@ -224,7 +231,8 @@ mod tests {
         assert_eq!(c.db_path, PathBuf::from("./data"));
         assert_eq!(c.db_file(), PathBuf::from("./data/kv.sqlite3"));
         assert_eq!(c.sync, Sync::Full);
-        assert_eq!(c.workers, DEFAULT_WORKERS);
+        assert_eq!(c.workers, default_workers());
+        assert!(c.workers >= 2);
         assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(c.io_timeout_secs, 30);
         assert_eq!(c.max_batch_ops, 1000);

@@ -374,17 +374,25 @@ fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Insta
             (e.status(), e.body(), allow)
         }
     };
-    let line = format!("{} {path} {status}", request.method());
-    let mut response = tiny_http::Response::from_string(body).with_status_code(status);
+    let line = log::log_enabled!(log::Level::Debug)
+        .then(|| format!("{} {path} {status}", request.method()));
+    // The whole body is in memory, so always send its Content-Length; tiny_http would otherwise
+    // switch to chunked encoding from 32 KiB on.
+    let mut response = tiny_http::Response::from_string(body)
+        .with_status_code(status)
+        .with_chunked_threshold(usize::MAX);
     for (name, value) in [("Content-Type", Some("application/json")), ("Allow", allow)] {
         if let Some(header) = value.and_then(|v| tiny_http::Header::from_bytes(name, v).ok()) {
             response.add_header(header);
         }
     }
-    if let Err(e) = request.respond(response) {
-        log::debug!("{line}: could not send the response: {e}");
+    let sent = request.respond(response);
+    if let Some(line) = line {
+        match sent {
+            Ok(()) => log::debug!("{line} {:.1?}", started.elapsed()),
+            Err(e) => log::debug!("{line}: could not send the response: {e}"),
+        }
     }
-    log::debug!("{line} {:.1?}", started.elapsed());
 }
 
 /// Reads the body, refusing (413) one over the limit: from Content-Length before reading anything,

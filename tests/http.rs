@@ -222,6 +222,21 @@ fn every_json_type_round_trips() {
 }
 
 #[test]
+fn large_values_come_back_with_a_content_length() {
+    let (_dir, s) = server();
+    let value = "z".repeat(100 * 1024);
+    assert_eq!(put_json(&s, None, "big", &json!(value)).status, 200);
+    let resp = s.get("/objects/big");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("transfer-encoding"), None);
+    assert_eq!(
+        resp.header("content-length"),
+        Some(resp.body.len().to_string().as_str())
+    );
+    assert_eq!(resp.json()["value"], json!(value));
+}
+
+#[test]
 fn values_keep_their_exact_text() {
     let (_dir, s) = server();
     // 2^53 + 1 and a long decimal do not survive a trip through f64; the stored text must.
@@ -579,6 +594,39 @@ fn thirty_two_concurrent_writers_lose_nothing() {
 }
 
 #[test]
+fn sixty_four_keep_alive_writers_times_500_puts_lose_nothing() {
+    let (_dir, s) = server();
+    let addr = s.addr();
+    let writers: Vec<_> = (0..64)
+        .map(|t| {
+            let addr = addr.clone();
+            thread::spawn(move || {
+                let mut stream = TcpStream::connect(&addr).unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                for i in 0..500 {
+                    let body = json!({"key": format!("w{t}-{i}"), "value": i}).to_string();
+                    let raw = format!(
+                        "PUT /objects?collection=many HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(raw.as_bytes()).unwrap();
+                    let resp = read_response(&mut stream);
+                    assert_eq!(resp.status, 200, "writer {t}, put {i}");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert_eq!(s.get("/collections/many").json()["count"], 64 * 500);
+    let listed = s.get("/objects?collection=many").json();
+    assert_eq!(listed["count"], 64 * 500);
+    assert_eq!(listed["objects"]["w63-499"], 499);
+    assert_eq!(listed["objects"]["w0-0"], 0);
+}
+
+#[test]
 fn data_survives_sigterm_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TestServer::start(dir.path());
@@ -633,7 +681,8 @@ fn acknowledged_writes_survive_sigkill() {
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let addr = s.addr();
-    let writers: Vec<_> = (0..4)
+    // 16 writers at once, so that commits carry groups of writes.
+    let writers: Vec<_> = (0..16)
         .map(|t| {
             let (acked, stop, addr) = (acked.clone(), stop.clone(), addr.clone());
             thread::spawn(move || {
