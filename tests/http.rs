@@ -676,6 +676,20 @@ fn sigint_stops_gracefully_too() {
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
+    acknowledged_writes_survive(|s| s.kill());
+}
+
+#[test]
+fn acknowledged_writes_survive_sigterm_mid_stream() {
+    acknowledged_writes_survive(|s| {
+        let status = s.terminate(Duration::from_secs(5));
+        assert!(status.success(), "{status:?}");
+    });
+}
+
+/// Writers PUT continuously while `stop` ends the server; every PUT that got a 200 must be there
+/// after a restart.
+fn acknowledged_writes_survive(stop_server: impl FnOnce(&mut TestServer)) {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TestServer::start(dir.path());
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
@@ -713,7 +727,7 @@ fn acknowledged_writes_survive_sigkill() {
         .unwrap()
         .len()
         >= 200));
-    s.kill();
+    stop_server(&mut s);
     stop.store(true, Ordering::SeqCst);
     for w in writers {
         w.join().unwrap();
