@@ -332,6 +332,17 @@ fn handle(
     } else {
         Ok(Vec::new())
     };
+    if let Err(e @ (Error::TooLarge { .. } | Error::Timeout)) = body {
+        // The body was left unread, and tiny_http reads and discards it when the request is
+        // dropped, for as long as the client keeps sending. Do that off the worker, so a client
+        // trickling a huge body cannot hold one. (One per connection at most: tiny_http reads
+        // nothing more from a connection until then.)
+        let drain = move || send(request, Err(e), started);
+        if let Err(spawn) = thread::Builder::new().name("kv-drain".into()).spawn(drain) {
+            log::warn!("cannot start a thread to answer an oversized request: {spawn}");
+        }
+        return;
+    }
     let answer = body.and_then(|body| {
         let req = Req {
             method,

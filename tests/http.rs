@@ -448,6 +448,40 @@ fn a_huge_declared_content_length_does_not_kill_the_server() {
 }
 
 #[test]
+fn a_client_trickling_an_oversized_body_holds_no_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    // One worker: if answering the 413 kept it busy discarding the body, nothing else would run.
+    let s = TestServer::start_with(
+        dir.path(),
+        &[("KV_WORKERS", "1"), ("KV_MAX_BODY_BYTES", "1000")],
+    );
+    let mut stream = s.connect();
+    stream
+        .write_all(b"PUT /objects HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\nxx")
+        .unwrap();
+    assert_eq!(read_response(&mut stream).status, 413);
+    let trickle = thread::spawn(move || {
+        for _ in 0..30 {
+            if stream.write_all(&[b'x'; 100]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    });
+    for _ in 0..5 {
+        let started = Instant::now();
+        s.assert_healthy();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    trickle.join().unwrap();
+}
+
+#[test]
 fn malformed_http_gets_400_and_the_server_lives() {
     let (_dir, s) = server();
     for raw in [
