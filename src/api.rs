@@ -35,10 +35,10 @@ pub enum Method {
 
 /// A request as the API sees it: the path and query still percent-encoded, the body already read.
 #[derive(Debug)]
-pub struct Req {
+pub struct Req<'a> {
     pub method: Method,
-    pub path: String,
-    pub query: String,
+    pub path: &'a str,
+    pub query: &'a str,
     pub body: Vec<u8>,
 }
 
@@ -79,7 +79,7 @@ pub struct Ctx<'a> {
 }
 
 /// Routes one request and runs it (reads) or prepares it for the writer (writes).
-pub fn handle(req: &Req, ctx: &Ctx<'_>) -> Result<Answer, Error> {
+pub fn handle(req: &Req<'_>, ctx: &Ctx<'_>) -> Result<Answer, Error> {
     let store = ctx.store;
     let path = req
         .path
@@ -150,8 +150,8 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
-fn put(req: &Req) -> Result<Answer, Error> {
-    let collection = collection(&req.query)?;
+fn put(req: &Req<'_>) -> Result<Answer, Error> {
+    let collection = collection(req.query)?;
     let text = json_text(&req.body)?;
     let body: PutBody<'_> = object_from_str(text)?;
     let key = key_from_json(body.key)?;
@@ -173,30 +173,30 @@ fn put(req: &Req) -> Result<Answer, Error> {
     Ok(Answer::AfterCommit(op, Box::new(|_| Ok(Resp::ok(message)))))
 }
 
-fn get(req: &Req, store: &Store, encoded_key: &str) -> Result<Resp, Error> {
-    let collection = collection(&req.query)?;
+fn get(req: &Req<'_>, store: &Store, encoded_key: &str) -> Result<Resp, Error> {
+    let collection = collection(req.query)?;
     let key = Name::Key.parse_path(encoded_key)?;
-    let value = store
-        .get(&collection, &key)?
-        .ok_or_else(|| object_not_found(&key, &collection))?;
-    let key = json_string(&key);
-    let mut body = String::with_capacity(key.len() + value.len() + 20);
-    body.push_str(r#"{"key":"#);
-    body.push_str(&key);
-    body.push_str(r#","value":"#);
-    body.push_str(&value);
-    body.push('}');
-    Ok(Resp::ok(body))
+    let body = store.get_with(&collection, &key, |value| {
+        let mut body = String::with_capacity(key.len() + value.len() + 20);
+        body.push_str(r#"{"key":"#);
+        push_json_string(&mut body, &key);
+        body.push_str(r#","value":"#);
+        body.push_str(value);
+        body.push('}');
+        body
+    })?;
+    body.map(Resp::ok)
+        .ok_or_else(|| object_not_found(&key, &collection))
 }
 
-fn list(req: &Req, store: &Store) -> Result<Resp, Error> {
-    let collection = collection(&req.query)?;
+fn list(req: &Req<'_>, store: &Store) -> Result<Resp, Error> {
+    let collection = collection(req.query)?;
     let mut objects = String::from("{");
     let count = store.list(&collection, |key, value| {
         if objects.len() > 1 {
             objects.push(',');
         }
-        objects.push_str(&json_string(key));
+        push_json_string(&mut objects, key);
         objects.push(':');
         objects.push_str(value);
     })?;
@@ -206,8 +206,8 @@ fn list(req: &Req, store: &Store) -> Result<Resp, Error> {
     )))
 }
 
-fn delete(req: &Req, encoded_key: &str) -> Result<Answer, Error> {
-    let collection = collection(&req.query)?;
+fn delete(req: &Req<'_>, encoded_key: &str) -> Result<Answer, Error> {
+    let collection = collection(req.query)?;
     let key = Name::Key.parse_path(encoded_key)?;
     let found = Resp::ok(format!(
         r#"{{"message":"Object deleted successfully","key":{}}}"#,
@@ -230,10 +230,9 @@ fn collections(store: &Store) -> Result<Resp, Error> {
         if list.len() > 1 {
             list.push(',');
         }
-        list.push_str(&format!(
-            r#"{{"name":{},"count":{count}}}"#,
-            json_string(name)
-        ));
+        list.push_str(r#"{"name":"#);
+        push_json_string(&mut list, name);
+        list.push_str(&format!(r#","count":{count}}}"#));
     })?;
     list.push(']');
     Ok(Resp::ok(format!(
@@ -453,7 +452,22 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
 
 /// A string as a JSON string literal.
 fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
+    let mut out = String::with_capacity(s.len() + 2);
+    push_json_string(&mut out, s);
+    out
+}
+
+/// Appends `s` as a JSON string literal; most keys need no escaping and are copied as they are.
+fn push_json_string(out: &mut String, s: &str) {
+    if s.bytes()
+        .any(|b| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f)
+    {
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string()));
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
 }
 
 #[cfg(test)]
@@ -490,8 +504,8 @@ mod tests {
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
             let req = Req {
                 method,
-                path: path.to_string(),
-                query: query.to_string(),
+                path,
+                query,
                 body: body.as_bytes().to_vec(),
             };
             match self.run(&req) {
@@ -501,7 +515,7 @@ mod tests {
         }
 
         /// Handles a request as a worker and the writer together would.
-        fn run(&self, req: &Req) -> Result<Resp, Error> {
+        fn run(&self, req: &Req<'_>) -> Result<Resp, Error> {
             let ctx = Ctx {
                 store: &self.store,
                 max_batch_ops: 5,
@@ -698,8 +712,8 @@ mod tests {
         );
         let req = Req {
             method: Method::Get,
-            path: "/objects/v".into(),
-            query: String::new(),
+            path: "/objects/v",
+            query: "",
             body: vec![],
         };
         let resp = h.run(&req).unwrap();
@@ -883,5 +897,24 @@ mod tests {
             .0,
             400
         );
+    }
+
+    #[test]
+    fn json_strings_are_escaped_only_when_needed() {
+        for s in [
+            "plain",
+            "",
+            "ü 日本",
+            "quote \" in",
+            "back\\slash",
+            "ctl\u{1}",
+            "del\u{7f}",
+        ] {
+            let mut out = String::from("x");
+            push_json_string(&mut out, s);
+            let parsed: String = serde_json::from_str(&out[1..]).unwrap();
+            assert_eq!(parsed, s);
+            assert_eq!(json_string(s), out[1..]);
+        }
     }
 }

@@ -323,10 +323,6 @@ fn handle(
         tiny_http::Method::Delete => Method::Delete,
         _ => Method::Other,
     };
-    let (path, query) = match request.url().split_once('?') {
-        Some((path, query)) => (path.to_string(), query.to_string()),
-        None => (request.url().to_string(), String::new()),
-    };
     let body = if matches!(method, Method::Put | Method::Post) {
         read_body(&mut request, max_body_bytes)
     } else {
@@ -344,6 +340,7 @@ fn handle(
         return;
     }
     let answer = body.and_then(|body| {
+        let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
         let req = Req {
             method,
             path,

@@ -166,9 +166,21 @@ impl Store {
 
     /// The stored JSON text of one object.
     pub fn get(&self, collection: &str, key: &str) -> Result<Option<String>, rusqlite::Error> {
+        self.get_with(collection, key, str::to_string)
+    }
+
+    /// Hands the stored JSON text of one object to `read` without copying it out of SQLite first.
+    pub fn get_with<T>(
+        &self,
+        collection: &str,
+        key: &str,
+        read: impl FnOnce(&str) -> T,
+    ) -> Result<Option<T>, rusqlite::Error> {
         self.conn
             .prepare_cached("SELECT value FROM kv WHERE collection = ?1 AND key = ?2")?
-            .query_row(params![collection, key], |row| row.get(0))
+            .query_row(params![collection, key], |row| {
+                Ok(read(row.get_ref(0)?.as_str()?))
+            })
             .optional()
     }
 

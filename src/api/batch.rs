@@ -40,11 +40,11 @@ enum Kind {
 }
 
 /// Checks a batch and prepares it for the writer.
-pub(super) fn batch(req: &Req, max_ops: usize) -> Result<Answer, Error> {
+pub(super) fn batch(req: &Req<'_>, max_ops: usize) -> Result<Answer, Error> {
     let body: BatchBody<'_> = object_from_str(json_text(&req.body)?)?;
     let default = match body.collection {
         Some(raw) => collection_from_json(raw)?,
-        None => collection(&req.query)?,
+        None => collection(req.query)?,
     };
     let raw_ops = body
         .ops
