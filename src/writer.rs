@@ -457,6 +457,25 @@ mod tests {
     }
 
     #[test]
+    fn queued_bytes_hold_submitters_back_past_the_budget() {
+        let queued = Arc::new(QueuedBytes::default());
+        // One write larger than the whole budget still goes through when nothing else is queued.
+        queued.add(MAX_QUEUED_BYTES + 1);
+        let (added_tx, added) = channel();
+        let waiting = queued.clone();
+        let submitter = thread::spawn(move || {
+            waiting.add(10);
+            added_tx.send(()).unwrap();
+        });
+        // It cannot pass while the budget is spent (a wrong pass shows up here, never a flake).
+        assert!(added.recv_timeout(Duration::from_millis(200)).is_err());
+        queued.remove(MAX_QUEUED_BYTES + 1);
+        added.recv_timeout(Duration::from_secs(10)).unwrap();
+        submitter.join().unwrap();
+        assert_eq!(*queued.bytes.lock().unwrap(), 10);
+    }
+
+    #[test]
     fn concurrent_writers_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (writer, reader) = writer(&dir);

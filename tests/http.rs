@@ -504,11 +504,9 @@ fn keep_alive_serves_many_requests_on_one_connection() {
     let mut stream = s.connect();
     for i in 0..50 {
         let body = json!({"key": format!("k{i}"), "value": i}).to_string();
-        let raw = format!(
-            "PUT /objects HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(raw.as_bytes()).unwrap();
+        stream
+            .write_all(&common::raw_request("PUT", "/objects", &body))
+            .unwrap();
         assert_eq!(read_response(&mut stream).status, 200);
     }
     stream
@@ -636,14 +634,13 @@ fn sixty_four_keep_alive_writers_times_500_puts_lose_nothing() {
             let addr = addr.clone();
             thread::spawn(move || {
                 let mut stream = TcpStream::connect(&addr).unwrap();
-                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
                 for i in 0..500 {
                     let body = json!({"key": format!("w{t}-{i}"), "value": i}).to_string();
-                    let raw = format!(
-                        "PUT /objects?collection=many HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    stream.write_all(raw.as_bytes()).unwrap();
+                    let raw = common::raw_request("PUT", "/objects?collection=many", &body);
+                    stream.write_all(&raw).unwrap();
                     let resp = read_response(&mut stream);
                     assert_eq!(resp.status, 200, "writer {t}, put {i}");
                 }

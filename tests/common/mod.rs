@@ -246,6 +246,15 @@ impl Drop for TestServer {
     }
 }
 
+/// A keep-alive request with a body, as raw bytes.
+pub fn raw_request(method: &str, target: &str, body: &str) -> Vec<u8> {
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Reads one HTTP response: headers, then the body by Content-Length (or to EOF).
 pub fn read_response(stream: &mut TcpStream) -> Response {
     read_response_with(stream, true)
