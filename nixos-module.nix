@@ -114,7 +114,7 @@ in
       default = null;
       example = 16;
       description = ''
-        Number of request worker threads (`KV_WORKERS`). `null` leaves kv's own default (2 per CPU).
+        Number of SQLite read connections, i.e. requests reading the database at once (`KV_WORKERS`). `null` leaves kv's own default (2 per CPU).
       '';
     };
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
-use crate::store::Store;
+use crate::store::{Pool, Store};
 use crate::writer::{Op, Outcome};
 
 /// Longest key, in bytes of UTF-8.
@@ -72,15 +72,15 @@ impl From<Resp> for Answer {
     }
 }
 
-/// What a handler may use: this worker's read connection, and the limits.
+/// What a handler may use: the read connections, and the limits.
 pub struct Ctx<'a> {
-    pub store: &'a Store,
+    pub pool: &'a Pool,
     pub max_batch_ops: usize,
 }
 
 /// Routes one request and runs it (reads) or prepares it for the writer (writes).
 pub fn handle(req: &Req<'_>, ctx: &Ctx<'_>) -> Result<Answer, Error> {
-    let store = ctx.store;
+    let store = || ctx.pool.get();
     let path = req
         .path
         .strip_prefix('/')
@@ -91,29 +91,31 @@ pub fn handle(req: &Req<'_>, ctx: &Ctx<'_>) -> Result<Answer, Error> {
     };
     match (first, rest) {
         ("health", None) => match req.method {
-            Method::Get | Method::Head => health(store).map(Answer::from),
+            Method::Get | Method::Head => health(&store()).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("objects", None | Some("")) => match req.method {
-            Method::Get | Method::Head => list(req, store).map(Answer::from),
+            Method::Get | Method::Head => list(req, &store()).map(Answer::from),
             Method::Put => put(req),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, PUT",
             }),
         },
         ("objects", Some(encoded_key)) => match req.method {
-            Method::Get | Method::Head => get(req, store, encoded_key).map(Answer::from),
+            Method::Get | Method::Head => get(req, &store(), encoded_key).map(Answer::from),
             Method::Delete => delete(req, encoded_key),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
             }),
         },
         ("collections", None | Some("")) => match req.method {
-            Method::Get | Method::Head => collections(store).map(Answer::from),
+            Method::Get | Method::Head => collections(&store()).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("collections", Some(encoded_name)) => match req.method {
-            Method::Get | Method::Head => collection_count(store, encoded_name).map(Answer::from),
+            Method::Get | Method::Head => {
+                collection_count(&store(), encoded_name).map(Answer::from)
+            }
             Method::Delete => delete_collection(encoded_name),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
@@ -479,7 +481,7 @@ mod tests {
 
     struct Harness {
         _dir: tempfile::TempDir,
-        store: Store,
+        pool: Pool,
         writer: Option<Writer>,
         submitter: Option<Submitter>,
     }
@@ -493,7 +495,7 @@ mod tests {
             let writer = Writer::start(w).unwrap();
             let submitter = writer.submitter();
             Harness {
-                store: Store::open(&path, Sync::Normal).unwrap(),
+                pool: Pool::open(&path, Sync::Normal, 2).unwrap(),
                 _dir: dir,
                 writer: Some(writer),
                 submitter: Some(submitter),
@@ -517,7 +519,7 @@ mod tests {
         /// Handles a request as a worker and the writer together would.
         fn run(&self, req: &Req<'_>) -> Result<Resp, Error> {
             let ctx = Ctx {
-                store: &self.store,
+                pool: &self.pool,
                 max_batch_ops: 5,
             };
             match handle(req, &ctx)? {

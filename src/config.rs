@@ -17,7 +17,7 @@ pub const DEFAULT_DB_PATH: &str = "./data";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// SQLite cannot store a value over 1,000,000,000 bytes, so no body may be larger.
 pub const MAX_MAX_BODY_BYTES: usize = 1_000_000_000;
-/// Default worker threads per CPU (see README, Performance, for the measurement behind it).
+/// Default read connections per CPU (see README, Concurrency).
 pub const DEFAULT_WORKERS_PER_CPU: usize = 2;
 /// Default idle/stalled socket timeout.
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
@@ -82,7 +82,7 @@ Environment:
   KV_HOST              see --host
   DB_PATH              see --db-path
   KV_SYNC              full (default): a 200 survives power loss; normal: it survives a crash of kv only
-  KV_WORKERS           request worker threads (default 2 per CPU)
+  KV_WORKERS           SQLite read connections, requests reading at once (default 2 per CPU)
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
   KV_MAX_BATCH_OPS     most ops in one POST /batch (default 1000); more gets 413
@@ -176,8 +176,8 @@ impl Config {
     }
 }
 
-/// Two workers per CPU: writes do not hold a worker, so more only add context switches, but a
-/// spare one per CPU keeps a slow request (a LIST of a huge collection) from stalling the rest.
+/// Two read connections per CPU: a read holds one only while it reads, so more only add memory,
+/// but a spare one per CPU keeps a slow read (a LIST of a huge collection) from stalling the rest.
 pub fn default_workers() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cpus * DEFAULT_WORKERS_PER_CPU).clamp(2, 64)

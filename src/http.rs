@@ -1,26 +1,28 @@
-//! The HTTP side: the listening socket and its options, the connection threads, the worker threads,
-//! the translation between tiny_http and the API's `Req`/`Resp`, the body limit, the access log and
-//! the orderly stop.
+//! The HTTP side: the listening socket and its options, the connection threads, the translation
+//! between tiny_http and the API's `Req`/`Resp`, the body limit, the access log and the orderly stop.
 //!
 //! We run tiny_http's connection handling ourselves instead of through `tiny_http::Server`, because
 //! its server cannot do two things kv needs: (1) its accept loop treats the timeout of a listener
 //! with `SO_RCVTIMEO` as fatal, yet that option on the listener is the only way to give every
 //! accepted socket a read timeout; (2) its connection pool queues a new connection behind busy
-//! threads when many arrive at once (measured: 6 of 300 connections got no answer for 30 s). So one
-//! accept thread takes connections (up to `MAX_CONNECTIONS`, then waits), each connection gets its
-//! own thread that parses requests with tiny_http and queues them, and `workers` threads take them
-//! from the queue, each with its own read connection to SQLite. A worker answers a read at once;
-//! a write it hands to the writer together with the request, and goes on with other requests; the
-//! writer queues the committed answer back, and whichever worker is free sends it.
+//! threads when many arrive at once (measured: 6 of 300 connections got no answer for 30 s).
+//!
+//! One accept thread takes connections (up to `MAX_CONNECTIONS`, then waits), and each connection
+//! gets its own thread, which parses its requests with tiny_http and runs them itself: HTTP/1.1
+//! without pipelining has one request in flight per connection, so that thread would be idle
+//! anyway. A read takes one of `workers` SQLite read connections from a pool for as long as it
+//! reads. A write is handed to the single writer, and the connection thread sleeps until the
+//! group holding it has committed, then sends the answer. So a write costs two thread wakeups (to
+//! the writer and back) and a read none, where a queue of workers cost four and two; and a request
+//! that waits (for a commit, for changes, for a slow client) holds its own thread and nothing else.
 
-use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -28,7 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::api::{self, Answer, Ctx, Method, Req, Resp};
 use crate::config::Config;
 use crate::error::Error;
-use crate::store::Store;
+use crate::store::Pool;
 use crate::writer::{Submitter, Writer};
 
 /// Pending connections the kernel keeps before refusing new ones.
@@ -40,6 +42,8 @@ const MAX_CONNECTIONS: usize = 1024;
 const MAX_BODY_PREALLOC_BYTES: usize = 1024 * 1024;
 /// Longest pause after a failed accept (out of file descriptors, say), so errors cannot spin.
 const MAX_ACCEPT_BACKOFF_MS: u64 = 1000;
+/// How long a stop waits for the requests in flight to be answered.
+const STOP_GRACE_SECS: u64 = 10;
 
 /// Why the server should stop.
 #[derive(Debug)]
@@ -50,54 +54,37 @@ pub enum Stop {
     Fatal(String),
 }
 
-/// A running server: its accept thread and workers.
+/// A running server: what its connection threads share.
 pub struct Server {
-    queue: Arc<Queue>,
-    workers: Vec<JoinHandle<()>>,
-    stopping: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     /// The address actually bound (port 0 resolved).
     pub addr: SocketAddr,
 }
 
-/// Requests parsed by connection threads, waiting for a worker.
-#[derive(Default)]
-struct Queue {
-    items: Mutex<VecDeque<Item>>,
-    ready: Condvar,
+/// Everything a connection thread needs to run requests.
+struct Shared {
+    pool: Pool,
+    submitter: Submitter,
+    max_body_bytes: usize,
+    max_batch_ops: usize,
+    stopping: AtomicBool,
+    /// Requests received and not yet answered; a stop waits for it to reach zero.
+    in_flight: AtomicUsize,
 }
 
-enum Item {
-    /// A request to handle.
-    Request(tiny_http::Request),
-    /// A request whose write has committed (or failed): its answer only needs sending.
-    Answer(tiny_http::Request, Result<Resp, Error>, Instant),
-    /// Tells one worker to exit; queued behind the requests already received, so those are handled.
-    Stop,
+/// Counts one request as in flight until dropped, however its handling ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
 }
 
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Item>> {
-        // A panic never happens while the lock is held, but a poisoned queue is still a valid queue.
-        self.items.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn push(&self, item: Item) {
-        self.lock().push_back(item);
-        self.ready.notify_one();
-    }
-
-    fn try_pop(&self) -> Option<Item> {
-        self.lock().pop_front()
-    }
-
-    fn pop(&self) -> Item {
-        let mut items = self.lock();
-        loop {
-            if let Some(item) = items.pop_front() {
-                return item;
-            }
-            items = self.ready.wait(items).unwrap_or_else(|e| e.into_inner());
-        }
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -154,74 +141,44 @@ fn listen(config: &Config) -> Result<TcpListener, String> {
     Ok(socket.into())
 }
 
-/// Binds, then starts the workers (each opens its own read connection first) and the accept thread.
+/// Binds, opens the read connections and starts the accept thread.
 pub fn serve(config: &Config, writer: &Writer, stops: Sender<Stop>) -> Result<Server, String> {
     let listener = listen(config)?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let queue = Arc::new(Queue::default());
-    let stopping = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::with_capacity(config.workers);
-    for n in 0..config.workers {
-        let store = Store::open(&config.db_file(), config.sync)
-            .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
-        let submitter = writer.submitter();
-        let queue = queue.clone();
-        let (max_body_bytes, max_batch_ops) = (config.max_body_bytes, config.max_batch_ops);
-        let worker = thread::Builder::new()
-            .name(format!("kv-worker-{n}"))
-            .spawn(move || {
-                let ctx = Ctx {
-                    store: &store,
-                    max_batch_ops,
-                };
-                loop {
-                    match queue.pop() {
-                        Item::Request(request) => {
-                            handle(request, &ctx, &submitter, &queue, max_body_bytes)
-                        }
-                        Item::Answer(request, result, started) => send(request, result, started),
-                        Item::Stop => return,
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
-        workers.push(worker);
-    }
-    let (accept_queue, accept_stopping) = (queue.clone(), stopping.clone());
+    let pool = Pool::open(&config.db_file(), config.sync, config.workers)
+        .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
+    let shared = Arc::new(Shared {
+        pool,
+        submitter: writer.submitter(),
+        max_body_bytes: config.max_body_bytes,
+        max_batch_ops: config.max_batch_ops,
+        stopping: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+    });
+    let accept_shared = shared.clone();
     thread::Builder::new()
         .name("kv-accept".into())
-        .spawn(move || accept(listener.into(), &accept_queue, &accept_stopping, &stops))
+        .spawn(move || accept(listener.into(), &accept_shared, &stops))
         .map_err(|e| format!("cannot start the accept thread: {e}"))?;
-    Ok(Server {
-        queue,
-        workers,
-        stopping,
-        addr,
-    })
+    Ok(Server { shared, addr })
 }
 
 impl Server {
-    /// Stops accepting, handles every request already received, lets the writer commit every write
-    /// and sends the answers: nothing received before the stop is left unanswered.
+    /// Stops accepting, waits until every request already received has been answered (the
+    /// writer still commits meanwhile), then stops the writer: nothing received before the stop
+    /// is left unanswered, and a request that arrives after it gets a 503.
     pub fn stop(self, writer: Writer) {
-        self.stopping.store(true, Ordering::SeqCst);
-        for _ in &self.workers {
-            self.queue.push(Item::Stop);
-        }
-        for worker in self.workers {
-            if worker.join().is_err() {
-                log::error!("a worker thread panicked");
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(STOP_GRACE_SECS);
+        while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                log::warn!("stopping with requests still unanswered after {STOP_GRACE_SECS} s");
+                break;
             }
+            thread::sleep(Duration::from_millis(5));
         }
-        log::info!("workers stopped");
+        log::info!("requests answered");
         writer.stop();
-        while let Some(item) = self.queue.try_pop() {
-            match item {
-                Item::Answer(request, result, started) => send(request, result, started),
-                Item::Request(request) => send(request, Err(shutting_down()), Instant::now()),
-                Item::Stop => {}
-            }
-        }
     }
 }
 
@@ -229,12 +186,7 @@ fn shutting_down() -> Error {
     Error::Unavailable("the server is shutting down".into())
 }
 
-fn accept(
-    listener: tiny_http::Listener,
-    queue: &Arc<Queue>,
-    stopping: &Arc<AtomicBool>,
-    stops: &Sender<Stop>,
-) {
+fn accept(listener: tiny_http::Listener, shared: &Arc<Shared>, stops: &Sender<Stop>) {
     let slots = Arc::new(Slots::default());
     let no_tls = match tiny_http::SslContextWrap::build_ssl_capabilities(None) {
         Ok(no_tls) => no_tls,
@@ -244,31 +196,20 @@ fn accept(
         }
     };
     let mut backoff_ms = 0;
-    while !stopping.load(Ordering::SeqCst) {
+    while !shared.stopping.load(Ordering::SeqCst) {
         let slot = Slots::acquire(&slots);
         match tiny_http::Server::accept_connection(&listener, &no_tls) {
             Ok(Some(connection)) => {
                 backoff_ms = 0;
-                if stopping.load(Ordering::SeqCst) {
+                if shared.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                let queue = queue.clone();
-                let stopping = stopping.clone();
+                let shared = shared.clone();
                 let spawned = thread::Builder::new()
                     .name("kv-conn".into())
                     .spawn(move || {
                         let _slot = slot;
-                        for parsed in connection {
-                            match parsed {
-                                Ok(request) if stopping.load(Ordering::SeqCst) => {
-                                    send(request, Err(shutting_down()), Instant::now());
-                                    return;
-                                }
-                                Ok(request) => queue.push(Item::Request(request)),
-                                // tiny_http has answered a malformed request itself (400) or the client left.
-                                Err(e) => log::debug!("connection ended: {e}"),
-                            }
-                        }
+                        serve_connection(connection, &shared);
                     });
                 if let Err(e) = spawned {
                     log::warn!("cannot start a connection thread, dropping the connection: {e}");
@@ -305,15 +246,31 @@ fn accept(
     }
 }
 
-/// Handles one request: a read is answered now, a write is handed to the writer, which queues its
-/// answer back once committed.
-fn handle(
-    mut request: tiny_http::Request,
-    ctx: &Ctx<'_>,
-    submitter: &Submitter,
-    queue: &Arc<Queue>,
-    max_body_bytes: usize,
+/// Runs one connection's requests in order, until the client leaves or kv stops.
+fn serve_connection<E: std::fmt::Display>(
+    connection: impl Iterator<Item = Result<tiny_http::Request, E>>,
+    shared: &Shared,
 ) {
+    for parsed in connection {
+        match parsed {
+            Ok(request) => {
+                // Counted before the stop flag is read: a stop either waits for this request or
+                // this request sees the flag (both are SeqCst).
+                let _in_flight = InFlight::enter(&shared.in_flight);
+                if shared.stopping.load(Ordering::SeqCst) {
+                    send(request, Err(shutting_down()), Instant::now());
+                    return;
+                }
+                handle(request, shared);
+            }
+            // tiny_http has answered a malformed request itself (400) or the client left.
+            Err(e) => log::debug!("connection ended: {e}"),
+        }
+    }
+}
+
+/// Handles one request: reads its body, runs it, waits for the commit of a write, answers.
+fn handle(mut request: tiny_http::Request, shared: &Shared) {
     let started = Instant::now();
     let method = match request.method() {
         tiny_http::Method::Get => Method::Get,
@@ -324,21 +281,13 @@ fn handle(
         _ => Method::Other,
     };
     let body = if matches!(method, Method::Put | Method::Post) {
-        read_body(&mut request, max_body_bytes)
+        read_body(&mut request, shared.max_body_bytes)
     } else {
         Ok(Vec::new())
     };
-    if let Err(e @ (Error::TooLarge { .. } | Error::Timeout)) = body {
-        // The body was left unread, and tiny_http reads and discards it when the request is
-        // dropped, for as long as the client keeps sending. Do that off the worker, so a client
-        // trickling a huge body cannot hold one. (One per connection at most: tiny_http reads
-        // nothing more from a connection until then.)
-        let drain = move || send(request, Err(e), started);
-        if let Err(spawn) = thread::Builder::new().name("kv-drain".into()).spawn(drain) {
-            log::warn!("cannot start a thread to answer an oversized request: {spawn}");
-        }
-        return;
-    }
+    // A refused body is left unread; tiny_http reads and discards the rest when the request is
+    // dropped, on this connection's own thread, so a client trickling a huge body holds nothing
+    // that other clients need.
     let answer = body.and_then(|body| {
         let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
         let req = Req {
@@ -347,23 +296,19 @@ fn handle(
             query,
             body,
         };
-        catch_unwind(AssertUnwindSafe(|| api::handle(&req, ctx)))
+        let ctx = Ctx {
+            pool: &shared.pool,
+            max_batch_ops: shared.max_batch_ops,
+        };
+        catch_unwind(AssertUnwindSafe(|| api::handle(&req, &ctx)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
     });
-    match answer {
-        Ok(Answer::Now(resp)) => send(request, Ok(resp), started),
-        Err(e) => send(request, Err(e), started),
-        Ok(Answer::AfterCommit(op, finish)) => {
-            let queue = queue.clone();
-            submitter.submit(
-                op,
-                Box::new(move |reply| {
-                    let result = reply.and_then(finish);
-                    queue.push(Item::Answer(request, result, started));
-                }),
-            );
-        }
-    }
+    let result = match answer {
+        Ok(Answer::Now(resp)) => Ok(resp),
+        Err(e) => Err(e),
+        Ok(Answer::AfterCommit(op, finish)) => shared.submitter.write(op).and_then(finish),
+    };
+    send(request, result, started);
 }
 
 /// Sends the answer to a request, and logs it.

@@ -1,5 +1,5 @@
 //! kv: wiring only. Read the settings, open and migrate the database, start the writer and the HTTP
-//! workers, wait for a signal (or a fatal error), stop in order, and turn the outcome into an exit code.
+//! connection threads, wait for a signal (or a fatal error), stop in order, and turn the outcome into an exit code.
 
 mod api;
 mod config;
@@ -40,7 +40,7 @@ fn run(config: &Config) -> Result<(), String> {
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     let server = http::serve(config, &writer, stops)?;
     log::info!(
-        "kv {} listening on http://{} (database {}, sync {}, {} workers)",
+        "kv {} listening on http://{} (database {}, sync {}, {} read connections)",
         env!("CARGO_PKG_VERSION"),
         server.addr,
         config.db_file().display(),

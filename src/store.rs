@@ -6,6 +6,7 @@
 //! Values are stored as the JSON text the client sent and handed back as that text.
 
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -291,6 +292,68 @@ impl Store {
     /// True when no transaction is open (SQLite rolls one back by itself after some errors).
     pub fn is_autocommit(&self) -> bool {
         self.conn.is_autocommit()
+    }
+}
+
+/// A fixed set of read connections shared by the connection threads: a request takes one for as
+/// long as it reads (never while it waits for a commit or for changes) and gives it back.
+pub struct Pool {
+    idle: Mutex<Vec<Store>>,
+    returned: Condvar,
+}
+
+/// A read connection checked out of a `Pool`; goes back when dropped.
+pub struct Pooled<'a> {
+    pool: &'a Pool,
+    store: Option<Store>,
+}
+
+impl Pool {
+    /// Opens `size` read connections to the database file.
+    pub fn open(path: &Path, sync: Sync, size: usize) -> Result<Pool, rusqlite::Error> {
+        let idle = (0..size)
+            .map(|_| Store::open(path, sync))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Pool {
+            idle: Mutex::new(idle),
+            returned: Condvar::new(),
+        })
+    }
+
+    /// A connection, waiting for one to come back when all are in use.
+    pub fn get(&self) -> Pooled<'_> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(store) = idle.pop() {
+                return Pooled {
+                    pool: self,
+                    store: Some(store),
+                };
+            }
+            idle = self.returned.wait(idle).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        // Present from `get` until `drop`.
+        self.store
+            .as_ref()
+            .expect("a pooled store is present until dropped")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.push(store);
+            drop(idle);
+            self.pool.returned.notify_one();
+        }
     }
 }
 

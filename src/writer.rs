@@ -106,7 +106,14 @@ struct Job {
     done: Done,
 }
 
-/// The writer thread and the checkpointer; `stop` waits for them once every `Submitter` is gone.
+/// What the writer thread takes from its queue.
+enum Msg {
+    Write(Job),
+    /// Commit what is queued before this, then exit.
+    Stop,
+}
+
+/// The writer thread and the checkpointer.
 pub struct Writer {
     submitter: Submitter,
     thread: JoinHandle<()>,
@@ -114,10 +121,10 @@ pub struct Writer {
     checkpointer: JoinHandle<()>,
 }
 
-/// A way to the writer; cheap to clone, one per worker.
+/// A way to the writer; cheap to clone.
 #[derive(Clone)]
 pub struct Submitter {
-    jobs: Sender<Job>,
+    jobs: Sender<Msg>,
     queued: Arc<QueuedBytes>,
 }
 
@@ -159,7 +166,7 @@ impl Writer {
         let checkpointer = thread::Builder::new()
             .name("kv-checkpoint".into())
             .spawn(move || checkpoint_until_stopped(&checkpoints, &stopped))?;
-        let (jobs, queue) = channel::<Job>();
+        let (jobs, queue) = channel::<Msg>();
         let queued = Arc::new(QueuedBytes::default());
         let thread_queued = queued.clone();
         let thread = thread::Builder::new()
@@ -178,14 +185,14 @@ impl Writer {
         self.submitter.clone()
     }
 
-    /// Waits for the writer to commit what is queued, answer it, and close its connection. Every
-    /// other `Submitter` must have been dropped first, or this waits for ever.
+    /// Waits for the writer to commit what is queued, answer it, and close its connection. A write
+    /// submitted after this gets a 503.
     pub fn stop(self) {
         let _ = self.stop_checkpoints.send(());
         if self.checkpointer.join().is_err() {
             log::error!("the checkpointer thread panicked");
         }
-        drop(self.submitter);
+        let _ = self.submitter.jobs.send(Msg::Stop);
         if self.thread.join().is_err() {
             log::error!("the writer thread panicked");
         }
@@ -197,14 +204,15 @@ impl Submitter {
     pub fn submit(&self, op: Op, done: Done) {
         let bytes = op.bytes();
         self.queued.add(bytes);
-        if let Err(rejected) = self.jobs.send(Job { op, bytes, done }) {
+        if let Err(rejected) = self.jobs.send(Msg::Write(Job { op, bytes, done })) {
             self.queued.remove(bytes);
-            (rejected.0.done)(Err(Error::Internal("the writer thread has stopped".into())));
+            if let Msg::Write(job) = rejected.0 {
+                (job.done)(Err(Error::Unavailable("the writer has stopped".into())));
+            }
         }
     }
 
-    /// Queues one write and blocks until it has been committed (or has failed); for tests.
-    #[cfg(test)]
+    /// Queues one write and blocks until it has been committed (or has failed).
     pub fn write(&self, op: Op) -> Reply {
         let (tx, rx) = channel();
         self.submit(
@@ -228,13 +236,21 @@ fn checkpoint_until_stopped(store: &Store, stopped: &Receiver<()>) {
     }
 }
 
-fn run(store: Store, queue: Receiver<Job>, queued: &QueuedBytes) {
+fn run(store: Store, queue: Receiver<Msg>, queued: &QueuedBytes) {
     let mut group = Vec::with_capacity(MAX_WRITES_PER_COMMIT);
-    while let Ok(first) = queue.recv() {
-        group.push(first);
+    let mut stopping = false;
+    while !stopping {
+        match queue.recv() {
+            Ok(Msg::Write(job)) => group.push(job),
+            Ok(Msg::Stop) | Err(_) => break,
+        }
         while group.len() < MAX_WRITES_PER_COMMIT {
             match queue.try_recv() {
-                Ok(job) => group.push(job),
+                Ok(Msg::Write(job)) => group.push(job),
+                Ok(Msg::Stop) => {
+                    stopping = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -247,6 +263,12 @@ fn run(store: Store, queue: Receiver<Job>, queued: &QueuedBytes) {
             fail_all(&mut group, "the writer panicked");
         }
         queued.remove(bytes);
+    }
+    // Writes that raced the stop get a clear refusal rather than a dropped callback.
+    while let Ok(msg) = queue.try_recv() {
+        if let Msg::Write(job) = msg {
+            (job.done)(Err(Error::Unavailable("the writer has stopped".into())));
+        }
     }
     match store.checkpoint() {
         Ok(()) => log::info!("writer stopped, WAL checkpointed"),
