@@ -23,6 +23,10 @@ pub const DEFAULT_WORKERS_PER_CPU: usize = 2;
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
 /// Default maximum number of ops in one `POST /batch`.
 pub const DEFAULT_MAX_BATCH_OPS: usize = 1000;
+/// Default time the change feed remembers deletions (7 days).
+pub const DEFAULT_CHANGES_RETENTION_SECS: u64 = 7 * 24 * 3600;
+/// Default maximum number of long-polls and event streams waiting at once.
+pub const DEFAULT_MAX_WAITERS: usize = 1024;
 
 /// How hard a commit is pushed to disk before the client hears 200.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +57,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub io_timeout_secs: u64,
     pub max_batch_ops: usize,
+    pub changes_retention_secs: u64,
+    pub max_waiters: usize,
 }
 
 /// What the command line asks for.
@@ -86,6 +92,8 @@ Environment:
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
   KV_MAX_BATCH_OPS     most ops in one POST /batch (default 1000); more gets 413
+  KV_CHANGES_RETENTION_SECS  how long GET /changes remembers deletions (default 604800, 7 days)
+  KV_MAX_WAITERS       most long-polls and event streams of GET /changes at once (default 1024)
   RUST_LOG             log filter: error, warn, info (default), debug (one line per request)
 ";
 
@@ -159,6 +167,20 @@ impl Config {
                 env("KV_MAX_BATCH_OPS"),
                 DEFAULT_MAX_BATCH_OPS,
                 1,
+                1_000_000,
+            )?,
+            changes_retention_secs: parse_number(
+                "KV_CHANGES_RETENTION_SECS",
+                env("KV_CHANGES_RETENTION_SECS"),
+                DEFAULT_CHANGES_RETENTION_SECS,
+                1,
+                100 * 365 * 24 * 3600,
+            )?,
+            max_waiters: parse_number(
+                "KV_MAX_WAITERS",
+                env("KV_MAX_WAITERS"),
+                DEFAULT_MAX_WAITERS,
+                0,
                 1_000_000,
             )?,
         };
@@ -236,6 +258,8 @@ mod tests {
         assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(c.io_timeout_secs, 30);
         assert_eq!(c.max_batch_ops, 1000);
+        assert_eq!(c.changes_retention_secs, 604_800);
+        assert_eq!(c.max_waiters, 1024);
     }
 
     #[test]
@@ -250,6 +274,8 @@ mod tests {
                 ("KV_MAX_BODY_BYTES", "1024"),
                 ("KV_IO_TIMEOUT_SECS", "5"),
                 ("KV_MAX_BATCH_OPS", "10"),
+                ("KV_CHANGES_RETENTION_SECS", "1"),
+                ("KV_MAX_WAITERS", "0"),
             ],
             &[],
         );
@@ -261,6 +287,8 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1024);
         assert_eq!(c.io_timeout_secs, 5);
         assert_eq!(c.max_batch_ops, 10);
+        assert_eq!(c.changes_retention_secs, 1);
+        assert_eq!(c.max_waiters, 0);
     }
 
     #[test]
@@ -293,6 +321,11 @@ mod tests {
             (("KV_MAX_BODY_BYTES", "2000000000"), "KV_MAX_BODY_BYTES"),
             (("KV_IO_TIMEOUT_SECS", "0"), "KV_IO_TIMEOUT_SECS"),
             (("KV_MAX_BATCH_OPS", "x"), "KV_MAX_BATCH_OPS"),
+            (
+                ("KV_CHANGES_RETENTION_SECS", "0"),
+                "KV_CHANGES_RETENTION_SECS",
+            ),
+            (("KV_MAX_WAITERS", "-1"), "KV_MAX_WAITERS"),
             (("DB_PATH", ""), "DB_PATH"),
         ] {
             let err = parse(&[env], &[]).unwrap_err();
@@ -321,6 +354,8 @@ mod tests {
             "KV_MAX_BODY_BYTES",
             "KV_IO_TIMEOUT_SECS",
             "KV_MAX_BATCH_OPS",
+            "KV_CHANGES_RETENTION_SECS",
+            "KV_MAX_WAITERS",
             "RUST_LOG",
         ] {
             assert!(HELP.contains(name), "{name} missing from --help");

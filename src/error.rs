@@ -22,10 +22,22 @@ pub enum Error {
     TooLarge { code: &'static str, message: String },
     /// 408: the client stopped sending its body.
     Timeout,
+    /// 410: the change feed no longer remembers every deletion after the requested revision;
+    /// `oldest_rev` is the lowest `since` it accepts now.
+    Compacted { oldest_rev: u64 },
+    /// 412: a precondition on the object's revision failed; nothing was changed. `index` names the
+    /// failing op of a batch.
+    PreconditionFailed {
+        key: String,
+        current_rev: Option<u64>,
+        index: Option<usize>,
+    },
     /// 500: SQLite failed; the cause is logged, never sent.
     Storage(rusqlite::Error),
     /// 503: the database cannot be read (for `/health`), or kv is stopping; the cause is logged.
     Unavailable(String),
+    /// 503: `KV_MAX_WAITERS` requests already wait for changes; sent with `Retry-After`.
+    TooManyWaiters,
     /// 500: a bug (a handler panicked or a thread vanished); the cause is logged, never sent.
     Internal(String),
 }
@@ -60,6 +72,25 @@ impl Error {
         Error::Internal(format!("panicked: {message}"))
     }
 
+    /// The same error, naming the batch op it comes from (client errors only).
+    pub fn at_index(self, index: usize) -> Error {
+        match self {
+            Error::BadRequest { code, message, .. } => Error::BadRequest {
+                code,
+                message: format!("op {index}: {message}"),
+                index: Some(index),
+            },
+            Error::PreconditionFailed {
+                key, current_rev, ..
+            } => Error::PreconditionFailed {
+                key,
+                current_rev,
+                index: Some(index),
+            },
+            other => other,
+        }
+    }
+
     /// The HTTP status code for this error.
     pub fn status(&self) -> u16 {
         match self {
@@ -67,9 +98,11 @@ impl Error {
             Error::NotFound { .. } => 404,
             Error::MethodNotAllowed { .. } => 405,
             Error::Timeout => 408,
+            Error::Compacted { .. } => 410,
+            Error::PreconditionFailed { .. } => 412,
             Error::TooLarge { .. } => 413,
             Error::Storage(_) | Error::Internal(_) => 500,
-            Error::Unavailable(_) => 503,
+            Error::Unavailable(_) | Error::TooManyWaiters => 503,
         }
     }
 
@@ -81,28 +114,66 @@ impl Error {
             | Error::TooLarge { code, .. } => code,
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::Timeout => "request_timeout",
+            Error::Compacted { .. } => "changes_compacted",
+            Error::PreconditionFailed { .. } => "precondition_failed",
             Error::Storage(_) | Error::Internal(_) => "internal_error",
             Error::Unavailable(_) => "unavailable",
+            Error::TooManyWaiters => "too_many_waiters",
         }
     }
 
-    /// The JSON body sent to the client: `{"error": "...", "code": "..."}` (plus `index` for batches).
+    /// Headers the response must carry besides the body's.
+    pub fn headers(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Error::MethodNotAllowed { allow } => Some(("Allow", allow)),
+            Error::TooManyWaiters => Some(("Retry-After", "1")),
+            _ => None,
+        }
+    }
+
+    /// The JSON body sent to the client: `{"error": "...", "code": "..."}`, plus the fields that
+    /// say more (`index` of a batch op, `key` and `current_rev` of a failed precondition, ...).
     pub fn body(&self) -> String {
         let message = match self {
             Error::BadRequest { message, .. }
             | Error::NotFound { message, .. }
-            | Error::TooLarge { message, .. } => message.as_str(),
-            Error::MethodNotAllowed { .. } => "method not allowed on this path",
-            Error::Timeout => "timed out reading the request body",
-            Error::Storage(_) | Error::Internal(_) => "internal error",
-            Error::Unavailable(_) => "service unavailable",
+            | Error::TooLarge { message, .. } => message.clone(),
+            Error::MethodNotAllowed { .. } => "method not allowed on this path".into(),
+            Error::Timeout => "timed out reading the request body".into(),
+            Error::Compacted { oldest_rev } => format!(
+                "the change feed has forgotten deletions after this revision; \
+                 start over from since=0 (the oldest since accepted now is {oldest_rev})"
+            ),
+            Error::PreconditionFailed {
+                key, current_rev, ..
+            } => match current_rev {
+                Some(rev) => format!("precondition failed: {key:?} is at revision {rev}"),
+                None => format!("precondition failed: {key:?} does not exist"),
+            },
+            Error::Storage(_) | Error::Internal(_) => "internal error".into(),
+            Error::Unavailable(_) => "service unavailable".into(),
+            Error::TooManyWaiters => {
+                "too many requests are waiting for changes; retry in a second".into()
+            }
         };
         let mut body = serde_json::json!({ "error": message, "code": self.code() });
-        if let Error::BadRequest {
-            index: Some(index), ..
-        } = self
-        {
-            body["index"] = (*index).into();
+        match self {
+            Error::BadRequest {
+                index: Some(index), ..
+            } => body["index"] = (*index).into(),
+            Error::PreconditionFailed {
+                key,
+                current_rev,
+                index,
+            } => {
+                if let Some(index) = index {
+                    body["index"] = (*index).into();
+                }
+                body["key"] = key.as_str().into();
+                body["current_rev"] = (*current_rev).into();
+            }
+            Error::Compacted { oldest_rev } => body["oldest_rev"] = (*oldest_rev).into(),
+            _ => {}
         }
         body.to_string()
     }

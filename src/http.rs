@@ -16,7 +16,7 @@
 //! the writer and back) and a read none, where a queue of workers cost four and two; and a request
 //! that waits (for a commit, for changes, for a slow client) holds its own thread and nothing else.
 
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::api::{self, Answer, Ctx, Method, Req, Resp};
+use crate::api::{self, Answer, Ctx, Method, Req, Resp, Stream};
 use crate::config::Config;
 use crate::error::Error;
 use crate::store::Pool;
+use crate::watch::Watch;
 use crate::writer::{Submitter, Writer};
 
 /// Pending connections the kernel keeps before refusing new ones.
@@ -64,6 +65,7 @@ pub struct Server {
 /// Everything a connection thread needs to run requests.
 struct Shared {
     pool: Pool,
+    watch: Arc<Watch>,
     submitter: Submitter,
     max_body_bytes: usize,
     max_batch_ops: usize,
@@ -142,13 +144,19 @@ fn listen(config: &Config) -> Result<TcpListener, String> {
 }
 
 /// Binds, opens the read connections and starts the accept thread.
-pub fn serve(config: &Config, writer: &Writer, stops: Sender<Stop>) -> Result<Server, String> {
+pub fn serve(
+    config: &Config,
+    writer: &Writer,
+    watch: Arc<Watch>,
+    stops: Sender<Stop>,
+) -> Result<Server, String> {
     let listener = listen(config)?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let pool = Pool::open(&config.db_file(), config.sync, config.workers)
         .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
     let shared = Arc::new(Shared {
         pool,
+        watch,
         submitter: writer.submitter(),
         max_body_bytes: config.max_body_bytes,
         max_batch_ops: config.max_batch_ops,
@@ -169,6 +177,8 @@ impl Server {
     /// is left unanswered, and a request that arrives after it gets a 503.
     pub fn stop(self, writer: Writer) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        // Long-polls answer now with what they have, and streams end.
+        self.shared.watch.stop();
         let deadline = Instant::now() + Duration::from_secs(STOP_GRACE_SECS);
         while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
             if Instant::now() > deadline {
@@ -261,7 +271,9 @@ fn serve_connection<E: std::fmt::Display>(
                     send(request, Err(shutting_down()), Instant::now());
                     return;
                 }
-                handle(request, shared);
+                if !handle(request, shared) {
+                    return;
+                }
             }
             // tiny_http has answered a malformed request itself (400) or the client left.
             Err(e) => log::debug!("connection ended: {e}"),
@@ -270,7 +282,8 @@ fn serve_connection<E: std::fmt::Display>(
 }
 
 /// Handles one request: reads its body, runs it, waits for the commit of a write, answers.
-fn handle(mut request: tiny_http::Request, shared: &Shared) {
+/// Returns false when the connection must close (after a stream).
+fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
     let started = Instant::now();
     let method = match request.method() {
         tiny_http::Method::Get => Method::Get,
@@ -285,20 +298,27 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) {
     } else {
         Ok(Vec::new())
     };
+    let ctx = Ctx {
+        pool: &shared.pool,
+        watch: &shared.watch,
+        max_batch_ops: shared.max_batch_ops,
+    };
     // A refused body is left unread; tiny_http reads and discards the rest when the request is
     // dropped, on this connection's own thread, so a client trickling a huge body holds nothing
     // that other clients need.
     let answer = body.and_then(|body| {
         let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
+        // tiny_http hands out only the first line of a repeated header.
+        let headers = api::HEADERS
+            .iter()
+            .filter_map(|name| Some((*name, request.headers().get(name)?.as_str())))
+            .collect();
         let req = Req {
             method,
             path,
             query,
+            headers,
             body,
-        };
-        let ctx = Ctx {
-            pool: &shared.pool,
-            max_batch_ops: shared.max_batch_ops,
         };
         catch_unwind(AssertUnwindSafe(|| api::handle(&req, &ctx)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
@@ -307,24 +327,33 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) {
         Ok(Answer::Now(resp)) => Ok(resp),
         Err(e) => Err(e),
         Ok(Answer::AfterCommit(op, finish)) => shared.submitter.write(op).and_then(finish),
+        Ok(Answer::Stream(stream)) => {
+            if let Err(panic) =
+                catch_unwind(AssertUnwindSafe(|| send_stream(request, stream, started)))
+            {
+                log::error!("a stream {}", Error::from_panic(panic));
+            }
+            return false;
+        }
     };
     send(request, result, started);
+    true
 }
 
 /// Sends the answer to a request, and logs it.
 fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Instant) {
     let path = request.url().split('?').next().unwrap_or("");
-    let (status, body, allow) = match result {
-        Ok(resp) => (resp.status, resp.body, None),
+    let (status, body, headers) = match result {
+        Ok(resp) => (resp.status, resp.body, resp.headers),
         Err(e) => {
-            if e.status() >= 500 {
+            if e.status() >= 500 && !matches!(e, Error::TooManyWaiters) {
                 log::error!("{} {path}: {e}", request.method());
             }
-            let allow = match e {
-                Error::MethodNotAllowed { allow } => Some(allow),
-                _ => None,
-            };
-            (e.status(), e.body(), allow)
+            let headers = e
+                .headers()
+                .map(|(name, value)| vec![(name, value.to_string())])
+                .unwrap_or_default();
+            (e.status(), e.body(), headers)
         }
     };
     let line = log::log_enabled!(log::Level::Debug)
@@ -334,8 +363,11 @@ fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Insta
     let mut response = tiny_http::Response::from_string(body)
         .with_status_code(status)
         .with_chunked_threshold(usize::MAX);
-    for (name, value) in [("Content-Type", Some("application/json")), ("Allow", allow)] {
-        if let Some(header) = value.and_then(|v| tiny_http::Header::from_bytes(name, v).ok()) {
+    let content_type = ("Content-Type", "application/json");
+    for (name, value) in
+        std::iter::once(content_type).chain(headers.iter().map(|(n, v)| (*n, v.as_str())))
+    {
+        if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
             response.add_header(header);
         }
     }
@@ -345,6 +377,57 @@ fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Insta
             Ok(()) => log::debug!("{line} {:.1?}", started.elapsed()),
             Err(e) => log::debug!("{line}: could not send the response: {e}"),
         }
+    }
+}
+
+/// Sends a streamed answer: the head, then the body in chunks as the stream writes it, flushed
+/// whenever the stream flushes. Returns when the stream ends or the client has gone.
+fn send_stream(request: tiny_http::Request, stream: Stream<'_>, started: Instant) {
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let method = request.method().clone();
+    let head_only = method == tiny_http::Method::Head;
+    let mut head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n",
+        stream.content_type
+    );
+    for (name, value) in &stream.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = request.into_writer();
+    let sent = out
+        .write_all(head.as_bytes())
+        .and_then(|()| out.flush())
+        .and_then(|()| {
+            if head_only {
+                return Ok(());
+            }
+            (stream.body)(&mut Chunked(&mut *out))?;
+            out.write_all(b"0\r\n\r\n")?;
+            out.flush()
+        });
+    match sent {
+        Ok(()) => log::debug!("{method} {path} 200 (stream) {:.1?}", started.elapsed()),
+        Err(e) => log::debug!("{method} {path} 200 (stream) ended: {e}"),
+    }
+}
+
+/// Chunked transfer encoding (RFC 9112 §7.1): each write is one chunk.
+struct Chunked<'a>(&'a mut dyn Write);
+
+impl Write for Chunked<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        write!(self.0, "{:x}\r\n", buf.len())?;
+        self.0.write_all(buf)?;
+        self.0.write_all(b"\r\n")?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 

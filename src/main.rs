@@ -6,10 +6,13 @@ mod config;
 mod error;
 mod http;
 mod store;
+mod watch;
 mod writer;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::mpsc::channel;
+use std::time::Duration;
 
 use config::{Command, Config};
 
@@ -30,15 +33,20 @@ fn main() -> ExitCode {
 
 fn run(config: &Config) -> Result<(), String> {
     let store = store::Store::open_and_migrate(&config.db_file(), config.sync)?;
-    let writer =
-        writer::Writer::start(store).map_err(|e| format!("cannot start the writer: {e}"))?;
+    let rev = store
+        .revision()
+        .map_err(|e| format!("cannot read the revision: {e}"))?;
+    let watch = Arc::new(watch::Watch::new(rev, config.max_waiters));
+    let retention = Duration::from_secs(config.changes_retention_secs);
+    let writer = writer::Writer::start(store, watch.clone(), retention)
+        .map_err(|e| format!("cannot start the writer: {e}"))?;
     let (stops, stop) = channel();
     let on_signal = stops.clone();
     ctrlc::set_handler(move || {
         let _ = on_signal.send(http::Stop::Signal);
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    let server = http::serve(config, &writer, stops)?;
+    let server = http::serve(config, &writer, watch, stops)?;
     log::info!(
         "kv {} listening on http://{} (database {}, sync {}, {} read connections)",
         env!("CARGO_PKG_VERSION"),

@@ -65,8 +65,9 @@ fn the_readme_walkthrough() {
     assert_eq!(resp.header("content-type"), Some("application/json"));
     assert_eq!(
         resp.json(),
-        json!({"message": "Object stored successfully", "key": "user_123"})
+        json!({"message": "Object stored successfully", "key": "user_123", "rev": 1})
     );
+    assert_eq!(resp.header("etag"), Some("\"1\""));
 
     let resp = s.get("/objects/user_123");
     assert_eq!(resp.status, 200);
@@ -89,7 +90,7 @@ fn the_readme_walkthrough() {
     assert_eq!(resp.status, 200);
     assert_eq!(
         resp.json(),
-        json!({"message": "Object deleted successfully", "key": "user_123"})
+        json!({"message": "Object deleted successfully", "key": "user_123", "rev": 2})
     );
 
     let resp = s.get("/objects/user_123");
@@ -903,10 +904,10 @@ fn a_batch_applies_every_op_in_one_go() {
     assert_eq!(
         resp.json(),
         json!({"ok": true, "results": [
-            {"op": "put", "key": "a", "status": 200},
-            {"op": "delete", "key": "b", "found": true},
-            {"op": "get", "key": "a", "found": true, "value": {"n": 1}},
-            {"op": "put", "key": "x", "status": 200},
+            {"op": "put", "key": "a", "status": 200, "rev": 2},
+            {"op": "delete", "key": "b", "found": true, "rev": 3},
+            {"op": "get", "key": "a", "found": true, "rev": 2, "value": {"n": 1}},
+            {"op": "put", "key": "x", "status": 200, "rev": 4},
             {"op": "delete", "key": "never", "found": false},
             {"op": "get", "key": "never", "found": false}
         ]})
@@ -1028,15 +1029,15 @@ fn collections_are_counted_through_every_kind_of_write() {
     assert_eq!(
         s.get("/collections").json(),
         json!({"count": 4, "collections": [
-            {"name": "a:b", "count": 1},
-            {"name": "default", "count": 1},
-            {"name": "sessions", "count": 2},
-            {"name": "users", "count": 3}
+            {"name": "a:b", "count": 1, "rev": 7},
+            {"name": "default", "count": 1, "rev": 8},
+            {"name": "sessions", "count": 2, "rev": 11},
+            {"name": "users", "count": 3, "rev": 12}
         ]})
     );
     assert_eq!(
         s.get("/collections/users").json(),
-        json!({"name": "users", "count": 3})
+        json!({"name": "users", "count": 3, "rev": 12})
     );
     assert_eq!(s.get("/collections/a%3Ab").json()["count"], 1);
     assert_eq!(s.get("/collections/nobody").status, 404);
@@ -1045,7 +1046,7 @@ fn collections_are_counted_through_every_kind_of_write() {
     assert_eq!(resp.status, 200);
     assert_eq!(
         resp.json(),
-        json!({"message": "Collection deleted successfully", "name": "users", "deleted": 3})
+        json!({"message": "Collection deleted successfully", "name": "users", "deleted": 3, "rev": 13})
     );
     assert_eq!(s.delete("/collections/users").status, 404);
     assert_eq!(

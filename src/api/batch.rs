@@ -10,7 +10,7 @@ use super::{
     object_from_str, present,
 };
 use crate::error::Error;
-use crate::writer::{Op, Outcome};
+use crate::writer::{Cond, Op, Outcome, Tags};
 
 #[derive(Deserialize)]
 struct BatchBody<'a> {
@@ -30,6 +30,8 @@ struct RawOp<'a> {
     value: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     collection: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    if_rev: Option<&'a RawValue>,
 }
 
 #[derive(Clone, Copy)]
@@ -37,10 +39,11 @@ enum Kind {
     Put,
     Delete,
     Get,
+    Check,
 }
 
 /// Checks a batch and prepares it for the writer.
-pub(super) fn batch(req: &Req<'_>, max_ops: usize) -> Result<Answer, Error> {
+pub(super) fn batch(req: &Req<'_>, max_ops: usize) -> Result<Answer<'static>, Error> {
     let body: BatchBody<'_> = object_from_str(json_text(&req.body)?)?;
     let default = match body.collection {
         Some(raw) => collection_from_json(raw)?,
@@ -66,9 +69,12 @@ pub(super) fn batch(req: &Req<'_>, max_ops: usize) -> Result<Answer, Error> {
     let mut ops = Vec::with_capacity(raw_ops.len());
     let mut labels = Vec::with_capacity(raw_ops.len());
     for (index, raw) in raw_ops.iter().enumerate() {
-        let (kind, op) = parse_op(raw, &default).map_err(|e| at_index(e, index))?;
+        let (kind, op) = parse_op(raw, &default).map_err(|e| e.at_index(index))?;
         let key = match &op {
-            Op::Put { key, .. } | Op::Delete { key, .. } | Op::Get { key, .. } => json_string(key),
+            Op::Put { key, .. }
+            | Op::Delete { key, .. }
+            | Op::Get { key, .. }
+            | Op::Check { key, .. } => json_string(key),
             _ => String::new(),
         };
         labels.push((kind, key));
@@ -90,12 +96,29 @@ fn parse_op(raw: &RawValue, default: &str) -> Result<(Kind, Op), Error> {
         Some(Ok(op)) if op == "put" => Kind::Put,
         Some(Ok(op)) if op == "delete" => Kind::Delete,
         Some(Ok(op)) if op == "get" => Kind::Get,
+        Some(Ok(op)) if op == "check" => Kind::Check,
         Some(_) => {
             return Err(Error::bad_request(
                 "invalid_op",
-                "\"op\" must be \"put\", \"delete\" or \"get\"",
+                "\"op\" must be \"put\", \"delete\", \"get\" or \"check\"",
             ));
         }
+    };
+    let cond = match (kind, raw.if_rev) {
+        (Kind::Get, Some(_)) => {
+            return Err(Error::bad_request(
+                "invalid_op",
+                "a get op takes no \"if_rev\"",
+            ));
+        }
+        (Kind::Check, None) => {
+            return Err(Error::bad_request(
+                "invalid_op",
+                "a check op needs \"if_rev\"",
+            ));
+        }
+        (_, None) => Cond::default(),
+        (_, Some(raw)) => if_rev(raw)?,
     };
     let key = key_from_json(raw.key)?;
     let collection = match raw.collection {
@@ -114,12 +137,42 @@ fn parse_op(raw: &RawValue, default: &str) -> Result<(Kind, Op), Error> {
                 collection,
                 key,
                 value: value.get().to_string(),
+                cond,
             }
         }
-        Kind::Delete => Op::Delete { collection, key },
+        Kind::Delete => Op::Delete {
+            collection,
+            key,
+            cond,
+        },
         Kind::Get => Op::Get { collection, key },
+        Kind::Check => Op::Check {
+            collection,
+            key,
+            cond,
+        },
     };
     Ok((kind, op))
+}
+
+/// `"if_rev": N`: the object must be at revision N, or (N = 0) must not exist.
+fn if_rev(raw: &RawValue) -> Result<Cond, Error> {
+    let rev: u64 = serde_json::from_str(raw.get()).map_err(|_| {
+        Error::bad_request(
+            "invalid_op",
+            format!("\"if_rev\" must be a whole number >= 0, not {}", raw.get()),
+        )
+    })?;
+    Ok(match rev {
+        0 => Cond {
+            if_match: None,
+            if_none_match: Some(Tags::Any),
+        },
+        rev => Cond {
+            if_match: Some(Tags::Revs(vec![rev])),
+            if_none_match: None,
+        },
+    })
 }
 
 /// A collection given in the body: a string, where empty means `default`.
@@ -128,17 +181,6 @@ fn collection_from_json(raw: &RawValue) -> Result<String, Error> {
         return Ok(DEFAULT_COLLECTION.to_string());
     }
     Name::Collection.parse_json(raw)
-}
-
-fn at_index(e: Error, index: usize) -> Error {
-    match e {
-        Error::BadRequest { code, message, .. } => Error::BadRequest {
-            code,
-            message: format!("op {index}: {message}"),
-            index: Some(index),
-        },
-        other => other,
-    }
 }
 
 /// `{"ok":true,"results":[...]}`, one result per op, values spliced in as stored.
@@ -154,21 +196,31 @@ fn respond(labels: &[(Kind, String)], outcome: Outcome) -> Result<Resp, Error> {
             body.push(',');
         }
         match (kind, outcome) {
-            (Kind::Put, _) => {
-                body.push_str(&format!(r#"{{"op":"put","key":{key},"status":200}}"#));
-            }
-            (Kind::Delete, Outcome::Deleted(found)) => {
-                body.push_str(&format!(r#"{{"op":"delete","key":{key},"found":{found}}}"#));
-            }
-            (Kind::Get, Outcome::Value(Some(value))) => {
+            (Kind::Put, Outcome::Stored(rev)) => {
                 body.push_str(&format!(
-                    r#"{{"op":"get","key":{key},"found":true,"value":"#
+                    r#"{{"op":"put","key":{key},"status":200,"rev":{rev}}}"#
+                ));
+            }
+            (Kind::Delete, Outcome::Deleted(Some(rev))) => {
+                body.push_str(&format!(
+                    r#"{{"op":"delete","key":{key},"found":true,"rev":{rev}}}"#
+                ));
+            }
+            (Kind::Delete, Outcome::Deleted(None)) => {
+                body.push_str(&format!(r#"{{"op":"delete","key":{key},"found":false}}"#));
+            }
+            (Kind::Get, Outcome::Value(Some((value, rev)))) => {
+                body.push_str(&format!(
+                    r#"{{"op":"get","key":{key},"found":true,"rev":{rev},"value":"#
                 ));
                 body.push_str(&value);
                 body.push('}');
             }
             (Kind::Get, Outcome::Value(None)) => {
                 body.push_str(&format!(r#"{{"op":"get","key":{key},"found":false}}"#));
+            }
+            (Kind::Check, Outcome::Checked) => {
+                body.push_str(&format!(r#"{{"op":"check","key":{key},"ok":true}}"#));
             }
             (_, other) => {
                 return Err(Error::Internal(format!(
@@ -178,5 +230,5 @@ fn respond(labels: &[(Kind, String)], outcome: Outcome) -> Result<Resp, Error> {
         }
     }
     body.push_str("]}");
-    Ok(Resp { status: 200, body })
+    Ok(Resp::ok(body))
 }

@@ -21,6 +21,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// A running `kv`; killed when dropped, so a failing test leaks no server.
 pub struct TestServer {
     child: Child,
+    client: Client,
     pub port: u16,
     pub db_path: PathBuf,
     log: Arc<Mutex<String>>,
@@ -64,7 +65,139 @@ pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (ExitStatus, String, 
     )
 }
 
+/// Talks HTTP to a kv at an address; `TestServer` derefs to it, and threads make their own with
+/// `TestServer::client`.
+pub struct Client {
+    addr: String,
+}
+
+impl Client {
+    pub fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// One request on a fresh connection (`Connection: close`).
+    pub fn request(&self, method: &str, target: &str, body: Option<&[u8]>) -> Response {
+        let mut raw =
+            format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if let Some(body) = body {
+            raw.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        raw.push_str("\r\n");
+        let mut bytes = raw.into_bytes();
+        if let Some(body) = body {
+            bytes.extend_from_slice(body);
+        }
+        let mut stream = self.connect();
+        stream.write_all(&bytes).expect("send request");
+        // A response to HEAD announces its Content-Length but has no body.
+        read_response_with(&mut stream, method != "HEAD")
+    }
+
+    /// One request with extra header lines (`Name: value`) on a fresh connection.
+    pub fn request_with(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Response {
+        let mut raw =
+            format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            raw.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if let Some(body) = body {
+            raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        raw.push_str("\r\n");
+        raw.push_str(body.unwrap_or(""));
+        let mut stream = self.connect();
+        stream.write_all(raw.as_bytes()).expect("send request");
+        read_response_with(&mut stream, method != "HEAD")
+    }
+
+    /// Opens `GET target` as an event stream (Accept: text/event-stream), past the response head.
+    pub fn events(&self, target: &str, headers: &[(&str, &str)]) -> EventStream {
+        let mut raw =
+            format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n");
+        for (name, value) in headers {
+            raw.push_str(&format!("{name}: {value}\r\n"));
+        }
+        raw.push_str("\r\n");
+        let mut stream = self.connect();
+        stream.write_all(raw.as_bytes()).expect("send request");
+        let mut reader = BufReader::new(stream);
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read head");
+            if line.trim_end().is_empty() {
+                break;
+            }
+            head.push(line.trim_end().to_string());
+        }
+        EventStream {
+            head,
+            reader,
+            chunk_left: 0,
+        }
+    }
+
+    pub fn get(&self, target: &str) -> Response {
+        self.request("GET", target, None)
+    }
+
+    pub fn put(&self, target: &str, body: &str) -> Response {
+        self.request("PUT", target, Some(body.as_bytes()))
+    }
+
+    pub fn delete(&self, target: &str) -> Response {
+        self.request("DELETE", target, None)
+    }
+
+    /// Sends raw bytes, reads until the server closes, parses one response.
+    pub fn raw(&self, bytes: &[u8]) -> Response {
+        let mut stream = self.connect();
+        stream.write_all(bytes).expect("send request");
+        read_response(&mut stream)
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.addr()).expect("connect to kv");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream
+    }
+
+    /// Asserts the server still answers `/health` with 200.
+    pub fn assert_healthy(&self) {
+        let resp = self.get("/health");
+        assert_eq!(resp.status, 200, "server unhealthy");
+        assert_eq!(resp.json(), serde_json::json!({"status": "healthy"}));
+    }
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
 impl TestServer {
+    /// A client of the server at `addr` (from `addr()`), for another thread.
+    pub fn client(addr: &str) -> Client {
+        Client {
+            addr: addr.to_string(),
+        }
+    }
+
     /// A server on a fresh temporary data directory (kept until the test's `TempDir` drops).
     pub fn start(dir: &Path) -> TestServer {
         TestServer::start_with(dir, &[])
@@ -123,6 +256,9 @@ impl TestServer {
         };
         TestServer {
             child,
+            client: Client {
+                addr: format!("127.0.0.1:{port}"),
+            },
             port,
             db_path: dir.to_path_buf(),
             log,
@@ -130,67 +266,8 @@ impl TestServer {
         }
     }
 
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
-    }
-
-    /// One request on a fresh connection (`Connection: close`).
-    pub fn request(&self, method: &str, target: &str, body: Option<&[u8]>) -> Response {
-        let mut raw =
-            format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-        if let Some(body) = body {
-            raw.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        raw.push_str("\r\n");
-        let mut bytes = raw.into_bytes();
-        if let Some(body) = body {
-            bytes.extend_from_slice(body);
-        }
-        let mut stream = self.connect();
-        stream.write_all(&bytes).expect("send request");
-        // A response to HEAD announces its Content-Length but has no body.
-        read_response_with(&mut stream, method != "HEAD")
-    }
-
-    pub fn get(&self, target: &str) -> Response {
-        self.request("GET", target, None)
-    }
-
-    pub fn put(&self, target: &str, body: &str) -> Response {
-        self.request("PUT", target, Some(body.as_bytes()))
-    }
-
-    pub fn delete(&self, target: &str) -> Response {
-        self.request("DELETE", target, None)
-    }
-
-    /// Sends raw bytes, reads until the server closes, parses one response.
-    pub fn raw(&self, bytes: &[u8]) -> Response {
-        let mut stream = self.connect();
-        stream.write_all(bytes).expect("send request");
-        read_response(&mut stream)
-    }
-
-    pub fn connect(&self) -> TcpStream {
-        let stream = TcpStream::connect(self.addr()).expect("connect to kv");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        stream
-    }
-
-    /// Asserts the server still answers `/health` with 200.
-    pub fn assert_healthy(&self) {
-        let resp = self.get("/health");
-        assert_eq!(resp.status, 200, "server unhealthy; log:\n{}", self.log());
-        assert_eq!(resp.json(), serde_json::json!({"status": "healthy"}));
     }
 
     /// Sends SIGTERM and waits (up to `within`) for the exit status.
@@ -315,4 +392,90 @@ pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// A Server-Sent Events stream read off a chunked response.
+pub struct EventStream {
+    /// The status line and header lines.
+    pub head: Vec<String>,
+    reader: BufReader<TcpStream>,
+    chunk_left: usize,
+}
+
+/// One event: its `id`, `event` and `data` fields; comments are kept apart.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+    pub comment: Option<String>,
+}
+
+impl EventStream {
+    /// The next byte of the body, unchunked; `None` at the end of the body or of the connection.
+    fn byte(&mut self) -> Option<u8> {
+        if self.chunk_left == 0 {
+            let mut size = String::new();
+            if self.reader.read_line(&mut size).ok()? == 0 {
+                return None;
+            }
+            if size.trim().is_empty() {
+                // The CRLF after the previous chunk.
+                size.clear();
+                self.reader.read_line(&mut size).ok()?;
+            }
+            self.chunk_left = usize::from_str_radix(size.trim(), 16).ok()?;
+            if self.chunk_left == 0 {
+                return None;
+            }
+        }
+        let mut b = [0u8];
+        self.reader.read_exact(&mut b).ok()?;
+        self.chunk_left -= 1;
+        Some(b[0])
+    }
+
+    fn line(&mut self) -> Option<String> {
+        let mut bytes = Vec::new();
+        loop {
+            match self.byte()? {
+                b'\n' => return Some(String::from_utf8(bytes).expect("UTF-8 event")),
+                b => bytes.push(b),
+            }
+        }
+    }
+
+    /// The next event or comment; `None` once the stream has ended.
+    pub fn next_event(&mut self) -> Option<Event> {
+        let mut event = Event::default();
+        let mut any = false;
+        loop {
+            let line = self.line()?;
+            if line.is_empty() {
+                if any {
+                    return Some(event);
+                }
+                continue;
+            }
+            any = true;
+            if let Some(comment) = line.strip_prefix(':') {
+                event.comment = Some(comment.trim().to_string());
+            } else if let Some((field, value)) = line.split_once(": ") {
+                match field {
+                    "id" => event.id = Some(value.to_string()),
+                    "event" => event.event = Some(value.to_string()),
+                    "data" => event.data.push_str(value),
+                    other => panic!("unexpected field {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// Sets how long `next_event` may wait for data.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .unwrap();
+    }
 }

@@ -1,18 +1,29 @@
 //! The HTTP API without the HTTP: a request comes in as a plain `Req`, is routed by method and path
-//! and checked. A read is answered at once from the worker's store; a write is answered with the
-//! `Op` for the writer and the function that turns its committed outcome into the response. No
-//! sockets, threads or tiny_http types here, so every route is unit-tested by calling `handle`.
+//! and checked. A read is answered at once from a pooled read connection; a write is answered with
+//! the `Op` for the writer and the function that turns its committed outcome into the response; an
+//! event stream with the function that writes it. No sockets or tiny_http types here, so every
+//! route is unit-tested by calling `handle`.
+//!
+//! This file is the routing table and the helpers every resource shares; each resource has its
+//! own file (`objects`, `collections`, `changes`, `batch`).
 //!
 //! Values travel as the JSON text the client sent: a PUT checks the syntax and stores the text, a GET
 //! splices the stored text into the response without parsing it again.
 
 mod batch;
+mod changes;
+mod collections;
+mod objects;
+
+use std::borrow::Cow;
+use std::io::Write;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::store::{Pool, Store};
+use crate::watch::Watch;
 use crate::writer::{Op, Outcome};
 
 /// Longest key, in bytes of UTF-8.
@@ -21,6 +32,8 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_COLLECTION_BYTES: usize = 256;
 /// The collection used when a request names none.
 pub const DEFAULT_COLLECTION: &str = "default";
+/// The request headers kv reads, lower-case; the HTTP layer hands over only these.
+pub const HEADERS: [&str; 4] = ["if-match", "if-none-match", "accept", "last-event-id"];
 
 /// The request methods kv distinguishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,54 +46,108 @@ pub enum Method {
     Other,
 }
 
-/// A request as the API sees it: the path and query still percent-encoded, the body already read.
+/// A request as the API sees it: the path and query still percent-encoded, the body already read,
+/// and those of its headers named in `HEADERS` (name lower-case).
 #[derive(Debug)]
 pub struct Req<'a> {
     pub method: Method,
     pub path: &'a str,
     pub query: &'a str,
+    pub headers: Vec<(&'static str, &'a str)>,
     pub body: Vec<u8>,
 }
 
-/// A successful answer: a status and a JSON body.
+impl Req<'_> {
+    /// A header's value; several lines of the same header are one comma-separated list (RFC 9110 §5.3).
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut values = self.headers.iter().filter(|(n, _)| *n == name);
+        let (_, first) = values.next()?;
+        let mut joined = Cow::Borrowed(*first);
+        for (_, more) in values {
+            let all = joined.to_mut();
+            all.push_str(", ");
+            all.push_str(more);
+        }
+        Some(joined)
+    }
+}
+
+/// A successful answer: a status, a JSON body and any headers besides the usual ones.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Resp {
     pub status: u16,
     pub body: String,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Resp {
     fn ok(body: String) -> Resp {
-        Resp { status: 200, body }
+        Resp {
+            status: 200,
+            body,
+            headers: Vec::new(),
+        }
     }
+
+    /// 304: the client's copy at revision `rev` is current.
+    fn not_modified(rev: u64) -> Resp {
+        Resp {
+            status: 304,
+            body: String::new(),
+            headers: Vec::new(),
+        }
+        .with_etag(rev)
+    }
+
+    fn with_etag(mut self, rev: u64) -> Resp {
+        self.headers.push(("ETag", etag(rev)));
+        self
+    }
+}
+
+/// A strong entity tag for a revision: the number in quotes.
+fn etag(rev: u64) -> String {
+    format!("\"{rev}\"")
 }
 
 /// Turns a committed write's outcome into the response.
 pub type Finish = Box<dyn FnOnce(Outcome) -> Result<Resp, Error> + Send>;
 
+/// Writes a streamed body, as it is produced, until it ends or the client goes.
+pub type WriteBody<'a> = Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> + 'a>;
+
+/// A 200 whose body is written as it is produced.
+pub struct Stream<'a> {
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: WriteBody<'a>,
+}
+
 /// How a request is answered.
-pub enum Answer {
+pub enum Answer<'a> {
     /// Now.
     Now(Resp),
     /// After the writer has committed `Op`; the response must not be sent before.
     AfterCommit(Op, Finish),
+    /// As a stream, on the request's own thread.
+    Stream(Stream<'a>),
 }
 
-impl From<Resp> for Answer {
-    fn from(resp: Resp) -> Answer {
+impl From<Resp> for Answer<'_> {
+    fn from(resp: Resp) -> Self {
         Answer::Now(resp)
     }
 }
 
-/// What a handler may use: the read connections, and the limits.
+/// What a handler may use: the read connections, the waiters' registry, and the limits.
 pub struct Ctx<'a> {
     pub pool: &'a Pool,
+    pub watch: &'a Watch,
     pub max_batch_ops: usize,
 }
 
 /// Routes one request and runs it (reads) or prepares it for the writer (writes).
-pub fn handle(req: &Req<'_>, ctx: &Ctx<'_>) -> Result<Answer, Error> {
-    let store = || ctx.pool.get();
+pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> {
     let path = req
         .path
         .strip_prefix('/')
@@ -91,32 +158,30 @@ pub fn handle(req: &Req<'_>, ctx: &Ctx<'_>) -> Result<Answer, Error> {
     };
     match (first, rest) {
         ("health", None) => match req.method {
-            Method::Get | Method::Head => health(&store()).map(Answer::from),
+            Method::Get | Method::Head => health(&ctx.pool.get()).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("objects", None | Some("")) => match req.method {
-            Method::Get | Method::Head => list(req, &store()).map(Answer::from),
-            Method::Put => put(req),
+            Method::Get | Method::Head => objects::list(req, ctx).map(Answer::from),
+            Method::Put => objects::put(req),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, PUT",
             }),
         },
         ("objects", Some(encoded_key)) => match req.method {
-            Method::Get | Method::Head => get(req, &store(), encoded_key).map(Answer::from),
-            Method::Delete => delete(req, encoded_key),
+            Method::Get | Method::Head => objects::get(req, ctx, encoded_key).map(Answer::from),
+            Method::Delete => objects::delete(req, encoded_key),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
             }),
         },
         ("collections", None | Some("")) => match req.method {
-            Method::Get | Method::Head => collections(&store()).map(Answer::from),
+            Method::Get | Method::Head => collections::list(ctx).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("collections", Some(encoded_name)) => match req.method {
-            Method::Get | Method::Head => {
-                collection_count(&store(), encoded_name).map(Answer::from)
-            }
-            Method::Delete => delete_collection(encoded_name),
+            Method::Get | Method::Head => collections::count(ctx, encoded_name).map(Answer::from),
+            Method::Delete => collections::delete(encoded_name),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
             }),
@@ -124,6 +189,10 @@ pub fn handle(req: &Req<'_>, ctx: &Ctx<'_>) -> Result<Answer, Error> {
         ("batch", None) => match req.method {
             Method::Post => batch::batch(req, ctx.max_batch_ops),
             _ => Err(Error::MethodNotAllowed { allow: "POST" }),
+        },
+        ("changes", None) => match req.method {
+            Method::Get | Method::Head => changes::changes(req, ctx),
+            _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         _ => Err(Error::not_found(
             "not_found",
@@ -139,147 +208,9 @@ fn health(store: &Store) -> Result<Resp, Error> {
     Ok(Resp::ok(r#"{"status":"healthy"}"#.to_string()))
 }
 
-/// The body of `PUT /objects`. `present` keeps `"value": null` apart from a missing value.
-#[derive(Deserialize)]
-struct PutBody<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
-    key: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    value: Option<&'a RawValue>,
-}
-
+/// For optional body fields: keeps `"field": null` (present, JSON null) apart from a missing field.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
-}
-
-fn put(req: &Req<'_>) -> Result<Answer, Error> {
-    let collection = collection(req.query)?;
-    let text = json_text(&req.body)?;
-    let body: PutBody<'_> = object_from_str(text)?;
-    let key = key_from_json(body.key)?;
-    let value = body.value.ok_or_else(|| {
-        Error::bad_request(
-            "missing_value",
-            "the body has no \"value\" (use \"value\": null to store null)",
-        )
-    })?;
-    let message = format!(
-        r#"{{"message":"Object stored successfully","key":{}}}"#,
-        json_string(&key)
-    );
-    let op = Op::Put {
-        collection,
-        key,
-        value: value.get().to_string(),
-    };
-    Ok(Answer::AfterCommit(op, Box::new(|_| Ok(Resp::ok(message)))))
-}
-
-fn get(req: &Req<'_>, store: &Store, encoded_key: &str) -> Result<Resp, Error> {
-    let collection = collection(req.query)?;
-    let key = Name::Key.parse_path(encoded_key)?;
-    let body = store.get_with(&collection, &key, |value| {
-        let mut body = String::with_capacity(key.len() + value.len() + 20);
-        body.push_str(r#"{"key":"#);
-        push_json_string(&mut body, &key);
-        body.push_str(r#","value":"#);
-        body.push_str(value);
-        body.push('}');
-        body
-    })?;
-    body.map(Resp::ok)
-        .ok_or_else(|| object_not_found(&key, &collection))
-}
-
-fn list(req: &Req<'_>, store: &Store) -> Result<Resp, Error> {
-    let collection = collection(req.query)?;
-    let mut objects = String::from("{");
-    let count = store.list(&collection, |key, value| {
-        if objects.len() > 1 {
-            objects.push(',');
-        }
-        push_json_string(&mut objects, key);
-        objects.push(':');
-        objects.push_str(value);
-    })?;
-    objects.push('}');
-    Ok(Resp::ok(format!(
-        r#"{{"count":{count},"objects":{objects}}}"#
-    )))
-}
-
-fn delete(req: &Req<'_>, encoded_key: &str) -> Result<Answer, Error> {
-    let collection = collection(req.query)?;
-    let key = Name::Key.parse_path(encoded_key)?;
-    let found = Resp::ok(format!(
-        r#"{{"message":"Object deleted successfully","key":{}}}"#,
-        json_string(&key)
-    ));
-    let absent = object_not_found(&key, &collection);
-    let op = Op::Delete { collection, key };
-    Ok(Answer::AfterCommit(
-        op,
-        Box::new(move |outcome| match outcome {
-            Outcome::Deleted(true) => Ok(found),
-            _ => Err(absent),
-        }),
-    ))
-}
-
-fn collections(store: &Store) -> Result<Resp, Error> {
-    let mut list = String::from("[");
-    let count = store.collections(|name, count| {
-        if list.len() > 1 {
-            list.push(',');
-        }
-        list.push_str(r#"{"name":"#);
-        push_json_string(&mut list, name);
-        list.push_str(&format!(r#","count":{count}}}"#));
-    })?;
-    list.push(']');
-    Ok(Resp::ok(format!(
-        r#"{{"count":{count},"collections":{list}}}"#
-    )))
-}
-
-fn collection_count(store: &Store, encoded_name: &str) -> Result<Resp, Error> {
-    let name = Name::Collection.parse_path(encoded_name)?;
-    let count = store
-        .collection_count(&name)?
-        .ok_or_else(|| collection_not_found(&name))?;
-    Ok(Resp::ok(format!(
-        r#"{{"name":{},"count":{count}}}"#,
-        json_string(&name)
-    )))
-}
-
-fn delete_collection(encoded_name: &str) -> Result<Answer, Error> {
-    let name = Name::Collection.parse_path(encoded_name)?;
-    let absent = collection_not_found(&name);
-    let quoted = json_string(&name);
-    Ok(Answer::AfterCommit(
-        Op::DeleteCollection { name },
-        Box::new(move |outcome| match outcome {
-            Outcome::DeletedCollection(deleted) if deleted > 0 => Ok(Resp::ok(format!(
-                r#"{{"message":"Collection deleted successfully","name":{quoted},"deleted":{deleted}}}"#
-            ))),
-            _ => Err(absent),
-        }),
-    ))
-}
-
-fn collection_not_found(name: &str) -> Error {
-    Error::not_found(
-        "not_found",
-        format!("Collection not found: {name:?} holds no object"),
-    )
-}
-
-fn object_not_found(key: &str, collection: &str) -> Error {
-    Error::not_found(
-        "not_found",
-        format!("Object not found: no key {key:?} in collection {collection:?}"),
-    )
 }
 
 /// The request body as UTF-8 text, or a 400 that says what is wrong with it.
@@ -400,29 +331,69 @@ fn key_from_json(raw: Option<&RawValue>) -> Result<String, Error> {
 
 /// The `collection` query parameter; absent or empty means `default`.
 fn collection(query: &str) -> Result<String, Error> {
+    match param(query, "collection", "invalid_collection")? {
+        None => Ok(DEFAULT_COLLECTION.to_string()),
+        Some(name) if name.is_empty() => Ok(DEFAULT_COLLECTION.to_string()),
+        Some(name) => Name::Collection.check(name),
+    }
+}
+
+/// One query parameter, decoded; a parameter given twice or badly encoded is a 400 with `code`.
+fn param(query: &str, wanted: &str, code: &'static str) -> Result<Option<String>, Error> {
     let mut found = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if percent_decode(name, true).as_deref() != Some("collection") {
+        if percent_decode(name, true).as_deref() != Some(wanted) {
             continue;
         }
         if found.is_some() {
             return Err(Error::bad_request(
-                "invalid_collection",
-                "the collection parameter is given more than once",
+                code,
+                format!("the {wanted} parameter is given more than once"),
             ));
         }
         found = Some(percent_decode(value, true).ok_or_else(|| {
             Error::bad_request(
-                "invalid_collection",
-                "the collection parameter is not validly percent-encoded UTF-8",
+                code,
+                format!("the {wanted} parameter is not validly percent-encoded UTF-8"),
             )
         })?);
     }
-    match found {
-        None => Ok(DEFAULT_COLLECTION.to_string()),
-        Some(name) if name.is_empty() => Ok(DEFAULT_COLLECTION.to_string()),
-        Some(name) => Name::Collection.check(name),
+    Ok(found)
+}
+
+/// A whole-number query parameter in `min..=max`, `default` when absent.
+fn number_param(
+    query: &str,
+    wanted: &str,
+    code: &'static str,
+    (min, max, default): (u64, u64, u64),
+) -> Result<u64, Error> {
+    match param(query, wanted, code)? {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n) && !text.starts_with('+'))
+            .ok_or_else(|| {
+                Error::bad_request(
+                    code,
+                    format!("{wanted} must be a whole number from {min} to {max}, not {text:?}"),
+                )
+            }),
+    }
+}
+
+/// A `true`/`false` query parameter, `default` when absent.
+fn bool_param(query: &str, wanted: &str, code: &'static str, default: bool) -> Result<bool, Error> {
+    match param(query, wanted, code)?.as_deref() {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(Error::bad_request(
+            code,
+            format!("{wanted} must be true or false, not {other:?}"),
+        )),
     }
 }
 
@@ -473,53 +444,75 @@ fn push_json_string(out: &mut String, s: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::Sync;
     use crate::writer::{Submitter, Writer};
     use serde_json::{Value, json};
 
-    struct Harness {
+    pub(super) struct Harness {
         _dir: tempfile::TempDir,
         pool: Pool,
+        watch: std::sync::Arc<Watch>,
         writer: Option<Writer>,
         submitter: Option<Submitter>,
     }
 
     impl Harness {
-        fn new() -> Harness {
+        pub(super) fn new() -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("kv.sqlite3");
             let mut w = Store::open(&path, Sync::Normal).unwrap();
             w.migrate().unwrap();
-            let writer = Writer::start(w).unwrap();
+            let watch = std::sync::Arc::new(Watch::new(0, 4));
+            let retention = std::time::Duration::from_secs(3600);
+            let writer = Writer::start(w, watch.clone(), retention).unwrap();
             let submitter = writer.submitter();
             Harness {
                 pool: Pool::open(&path, Sync::Normal, 2).unwrap(),
+                watch,
                 _dir: dir,
                 writer: Some(writer),
                 submitter: Some(submitter),
             }
         }
 
-        fn call(&self, method: Method, target: &str, body: &str) -> (u16, Value) {
+        pub(super) fn call(&self, method: Method, target: &str, body: &str) -> (u16, Value) {
+            let (status, body, _) = self.call_with(method, target, &[], body);
+            (status, body)
+        }
+
+        /// A request with headers; the answer's status, JSON body (null when empty) and headers.
+        pub(super) fn call_with(
+            &self,
+            method: Method,
+            target: &str,
+            headers: &[(&'static str, &str)],
+            body: &str,
+        ) -> (u16, Value, Vec<(&'static str, String)>) {
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
             let req = Req {
                 method,
                 path,
                 query,
+                headers: headers.to_vec(),
                 body: body.as_bytes().to_vec(),
             };
+            let json = |body: &str| match body {
+                "" => Value::Null,
+                body => serde_json::from_str(body).unwrap(),
+            };
             match self.run(&req) {
-                Ok(resp) => (resp.status, serde_json::from_str(&resp.body).unwrap()),
-                Err(e) => (e.status(), serde_json::from_str(&e.body()).unwrap()),
+                Ok(resp) => (resp.status, json(&resp.body), resp.headers),
+                Err(e) => (e.status(), json(&e.body()), Vec::new()),
             }
         }
 
-        /// Handles a request as a worker and the writer together would.
-        fn run(&self, req: &Req<'_>) -> Result<Resp, Error> {
+        /// Handles a request as a connection thread and the writer together would.
+        pub(super) fn run(&self, req: &Req<'_>) -> Result<Resp, Error> {
             let ctx = Ctx {
                 pool: &self.pool,
+                watch: &self.watch,
                 max_batch_ops: 5,
             };
             match handle(req, &ctx)? {
@@ -527,6 +520,7 @@ mod tests {
                 Answer::AfterCommit(op, finish) => {
                     finish(self.submitter.as_ref().unwrap().write(op)?)
                 }
+                Answer::Stream(_) => panic!("streams are tested end to end"),
             }
         }
     }
@@ -549,7 +543,7 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(
             body,
-            json!({"message":"Object stored successfully","key":"user_123"})
+            json!({"message":"Object stored successfully","key":"user_123","rev":1})
         );
         let (status, body) = h.call(Method::Get, "/objects/user_123", "");
         assert_eq!(status, 200);
@@ -566,7 +560,7 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(
             body,
-            json!({"message":"Object deleted successfully","key":"user_123"})
+            json!({"message":"Object deleted successfully","key":"user_123","rev":2})
         );
         let (status, body) = h.call(Method::Delete, "/objects/user_123", "");
         assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
@@ -716,6 +710,7 @@ mod tests {
             method: Method::Get,
             path: "/objects/v",
             query: "",
+            headers: vec![],
             body: vec![],
         };
         let resp = h.run(&req).unwrap();
@@ -760,10 +755,10 @@ mod tests {
         assert_eq!(
             resp,
             json!({"ok": true, "results": [
-                {"op":"put","key":"a","status":200},
-                {"op":"delete","key":"b","found":true},
-                {"op":"get","key":"a","found":true,"value":{"n":1}},
-                {"op":"put","key":"x","status":200},
+                {"op":"put","key":"a","status":200,"rev":2},
+                {"op":"delete","key":"b","found":true,"rev":3},
+                {"op":"get","key":"a","found":true,"rev":2,"value":{"n":1}},
+                {"op":"put","key":"x","status":200,"rev":4},
                 {"op":"delete","key":"nope","found":false}]})
         );
         assert_eq!(
@@ -871,17 +866,17 @@ mod tests {
         }
         assert_eq!(
             h.call(Method::Get, "/collections", "").1,
-            json!({"count":2,"collections":[{"name":"a:b","count":1},{"name":"users","count":2}]})
+            json!({"count":2,"collections":[{"name":"a:b","count":1,"rev":3},{"name":"users","count":2,"rev":4}]})
         );
         assert_eq!(
             h.call(Method::Get, "/collections/users", "").1,
-            json!({"name":"users","count":2})
+            json!({"name":"users","count":2,"rev":4})
         );
         assert_eq!(h.call(Method::Get, "/collections/a%3Ab", "").1["count"], 1);
         assert_eq!(h.call(Method::Get, "/collections/none", "").0, 404);
         assert_eq!(
             h.call(Method::Delete, "/collections/users", "").1,
-            json!({"message":"Collection deleted successfully","name":"users","deleted":2})
+            json!({"message":"Collection deleted successfully","name":"users","deleted":2,"rev":5})
         );
         assert_eq!(h.call(Method::Delete, "/collections/users", "").0, 404);
         assert_eq!(
