@@ -7,6 +7,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::cli;
+
 /// Default TCP port.
 pub const DEFAULT_PORT: u16 = 3300;
 /// Default listen address: loopback, because there is no authentication.
@@ -65,6 +67,8 @@ pub struct Config {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run(Config),
+    /// `kv token ...`: manage bearer tokens, then exit.
+    Token(cli::Token),
     Help,
     Version,
 }
@@ -74,6 +78,8 @@ pub const HELP: &str = "\
 kv: a small, durable key-value store with an HTTP/JSON API
 
 Usage: kv [--port PORT] [--host HOST] [--db-path DIR]
+       kv token new [--name NAME]
+       kv token hash < TOKEN
        kv --help | --version
 
 Options (override the environment):
@@ -82,6 +88,10 @@ Options (override the environment):
   --db-path DIR    data directory, holds kv.sqlite3; created if missing  [env DB_PATH, default ./data]
   -h, --help       print this help
   -V, --version    print the version
+
+Tokens:
+  kv token new [--name NAME]  print a new random token, then its entry for the tokens file
+  kv token hash               print the SHA-256 of the token on stdin (one trailing newline is dropped)
 
 Environment:
   PORT                 see --port
@@ -100,6 +110,11 @@ Environment:
 impl Config {
     /// Parses the environment (looked up through `env`) and the arguments after the program name.
     pub fn parse(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<Command, String> {
+        if let Some((first, rest)) = args.split_first() {
+            if first == "token" {
+                return cli::parse_token(rest).map(Command::Token);
+            }
+        }
         let mut port = env("PORT");
         let mut host = env("KV_HOST");
         let mut db_path = env("DB_PATH");
@@ -308,6 +323,16 @@ mod tests {
         assert_eq!(parse(&[], &["-h"]), Ok(Command::Help));
         assert_eq!(parse(&[], &["--version"]), Ok(Command::Version));
         assert_eq!(parse(&[], &["-V"]), Ok(Command::Version));
+    }
+
+    #[test]
+    fn token_is_a_subcommand() {
+        assert_eq!(
+            parse(&[], &["token", "hash"]),
+            Ok(Command::Token(cli::Token::Hash))
+        );
+        // Only in first place: a flag's value "token" is just a value.
+        assert_eq!(config(&[], &["--host", "token"]).host, "token");
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! kv: wiring only. Read the settings, open and migrate the database, start the writer and the HTTP
-//! connection threads, wait for a signal (or a fatal error), stop in order, and turn the outcome into an exit code.
+//! kv: wiring only. Read the settings (or run a `kv token` subcommand), open and migrate the database,
+//! start the writer and the HTTP connection threads, wait for a signal (or a fatal error), stop in order, and turn
+//! the outcome into an exit code.
 
 mod api;
+mod auth;
+mod cli;
 mod config;
 mod error;
 mod http;
@@ -20,15 +23,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config = match Config::from_process(&args) {
         Ok(Command::Run(config)) => config,
+        Ok(Command::Token(token)) => return exit(cli::token(&token)),
         Ok(Command::Help) => return print(config::HELP),
         Ok(Command::Version) => return print(&format!("kv {}\n", env!("CARGO_PKG_VERSION"))),
         Err(e) => return fail(&e),
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(&config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
+    exit(run(&config))
 }
 
 fn run(config: &Config) -> Result<(), String> {
@@ -62,6 +63,13 @@ fn run(config: &Config) -> Result<(), String> {
     match reason {
         http::Stop::Signal => Ok(()),
         http::Stop::Fatal(e) => Err(e),
+    }
+}
+
+fn exit(outcome: Result<(), String>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 
