@@ -89,7 +89,8 @@ fn run(
                 stderr,
                 "The first line is the token: hand it to its client now, kv keeps only its hash.\n\
                  Add the second line to \"tokens\" in the tokens file, fill in its \"collections\"\n\
-                 (pattern: \"read\" or \"write\") or set \"admin\": true or \"metrics\": true."
+                 (pattern: \"read\" or \"write\") or set \"admin\" or \"metrics\" to true,\n\
+                 then send kv SIGHUP to load it."
             )
             .map_err(write_error)
         }
@@ -176,7 +177,7 @@ mod tests {
         assert_eq!(entry["name"], "web \"1\"");
         assert_eq!(entry["sha256"], auth::sha256_hex(lines[0]));
         assert_eq!(entry["collections"], serde_json::json!({}));
-        assert!(how_to.contains("tokens file"));
+        assert!(how_to.contains("SIGHUP"));
     }
 
     #[test]

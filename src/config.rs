@@ -11,7 +11,7 @@ use crate::cli;
 
 /// Default TCP port.
 pub const DEFAULT_PORT: u16 = 3300;
-/// Default listen address: loopback, because there is no authentication.
+/// Default listen address: loopback, because access is open unless a tokens file is given.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 /// Default data directory.
 pub const DEFAULT_DB_PATH: &str = "./data";
@@ -61,6 +61,8 @@ pub struct Config {
     pub max_batch_ops: usize,
     pub changes_retention_secs: u64,
     pub max_waiters: usize,
+    /// Bearer tokens and their rights; `None`: access is open.
+    pub tokens_file: Option<PathBuf>,
 }
 
 /// What the command line asks for.
@@ -77,7 +79,7 @@ pub enum Command {
 pub const HELP: &str = "\
 kv: a small, durable key-value store with an HTTP/JSON API
 
-Usage: kv [--port PORT] [--host HOST] [--db-path DIR]
+Usage: kv [--port PORT] [--host HOST] [--db-path DIR] [--tokens-file FILE]
        kv token new [--name NAME]
        kv token hash < TOKEN
        kv --help | --version
@@ -86,17 +88,20 @@ Options (override the environment):
   --port PORT      TCP port to listen on; 0 picks a free one            [env PORT, default 3300]
   --host HOST      address to listen on; 0.0.0.0 serves the network     [env KV_HOST, default 127.0.0.1]
   --db-path DIR    data directory, holds kv.sqlite3; created if missing  [env DB_PATH, default ./data]
+  --tokens-file F  JSON file of token hashes and their rights            [env KV_TOKENS_FILE, default none: open]
   -h, --help       print this help
   -V, --version    print the version
 
-Tokens:
+Tokens (with a tokens file, requests need `Authorization: Bearer TOKEN`):
   kv token new [--name NAME]  print a new random token, then its entry for the tokens file
   kv token hash               print the SHA-256 of the token on stdin (one trailing newline is dropped)
+  SIGHUP re-reads the tokens file; if it is missing or invalid, the tokens in force stay.
 
 Environment:
   PORT                 see --port
   KV_HOST              see --host
   DB_PATH              see --db-path
+  KV_TOKENS_FILE       see --tokens-file; without it every client may do everything
   KV_SYNC              full (default): a 200 survives power loss; normal: it survives a crash of kv only
   KV_WORKERS           SQLite read connections, requests reading at once (default 2 per CPU)
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
@@ -118,6 +123,7 @@ impl Config {
         let mut port = env("PORT");
         let mut host = env("KV_HOST");
         let mut db_path = env("DB_PATH");
+        let mut tokens_file = env("KV_TOKENS_FILE");
         let mut rest = args.iter();
         while let Some(arg) = rest.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -130,6 +136,7 @@ impl Config {
                 "--port" => &mut port,
                 "--host" => &mut host,
                 "--db-path" => &mut db_path,
+                "--tokens-file" => &mut tokens_file,
                 _ => return Err(format!("unknown argument '{arg}' (see kv --help)")),
             };
             let value = match inline {
@@ -198,6 +205,16 @@ impl Config {
                 0,
                 1_000_000,
             )?,
+            tokens_file: match tokens_file {
+                // Empty is refused rather than read as "open": a typo must not open access.
+                Some(f) if f.trim().is_empty() => {
+                    return Err(
+                        "KV_TOKENS_FILE must not be empty (unset it for open access)".into(),
+                    );
+                }
+                Some(f) => Some(PathBuf::from(f)),
+                None => None,
+            },
         };
         Ok(Command::Run(config))
     }
@@ -275,6 +292,7 @@ mod tests {
         assert_eq!(c.max_batch_ops, 1000);
         assert_eq!(c.changes_retention_secs, 604_800);
         assert_eq!(c.max_waiters, 1024);
+        assert_eq!(c.tokens_file, None);
     }
 
     #[test]
@@ -291,6 +309,7 @@ mod tests {
                 ("KV_MAX_BATCH_OPS", "10"),
                 ("KV_CHANGES_RETENTION_SECS", "1"),
                 ("KV_MAX_WAITERS", "0"),
+                ("KV_TOKENS_FILE", "/etc/kv/tokens.json"),
             ],
             &[],
         );
@@ -304,17 +323,32 @@ mod tests {
         assert_eq!(c.max_batch_ops, 10);
         assert_eq!(c.changes_retention_secs, 1);
         assert_eq!(c.max_waiters, 0);
+        assert_eq!(c.tokens_file, Some(PathBuf::from("/etc/kv/tokens.json")));
     }
 
     #[test]
     fn flags_override_environment() {
         let c = config(
-            &[("PORT", "1"), ("KV_HOST", "::1"), ("DB_PATH", "/a")],
-            &["--port", "4000", "--host=0.0.0.0", "--db-path", "/b"],
+            &[
+                ("PORT", "1"),
+                ("KV_HOST", "::1"),
+                ("DB_PATH", "/a"),
+                ("KV_TOKENS_FILE", "/t1"),
+            ],
+            &[
+                "--port",
+                "4000",
+                "--host=0.0.0.0",
+                "--db-path",
+                "/b",
+                "--tokens-file",
+                "/t2",
+            ],
         );
         assert_eq!(c.port, 4000);
         assert_eq!(c.host, "0.0.0.0");
         assert_eq!(c.db_path, PathBuf::from("/b"));
+        assert_eq!(c.tokens_file, Some(PathBuf::from("/t2")));
     }
 
     #[test]
@@ -352,6 +386,7 @@ mod tests {
             ),
             (("KV_MAX_WAITERS", "-1"), "KV_MAX_WAITERS"),
             (("DB_PATH", ""), "DB_PATH"),
+            (("KV_TOKENS_FILE", " "), "KV_TOKENS_FILE"),
         ] {
             let err = parse(&[env], &[]).unwrap_err();
             assert!(err.contains(needle), "{err}");
@@ -381,6 +416,7 @@ mod tests {
             "KV_MAX_BATCH_OPS",
             "KV_CHANGES_RETENTION_SECS",
             "KV_MAX_WAITERS",
+            "KV_TOKENS_FILE",
             "RUST_LOG",
         ] {
             assert!(HELP.contains(name), "{name} missing from --help");

@@ -14,6 +14,11 @@ pub enum Error {
         message: String,
         index: Option<usize>,
     },
+    /// 401: no token, a malformed `Authorization` header, or a token the tokens file does not know.
+    /// The HTTP layer adds `WWW-Authenticate: Bearer realm="kv"` to this answer.
+    Unauthorized,
+    /// 403: a known token without the right this request needs; `message` says which right.
+    Forbidden { message: String },
     /// 404: no such object, collection or route.
     NotFound { code: &'static str, message: String },
     /// 405: the path exists but not with this method; `allow` lists the methods it takes.
@@ -95,6 +100,8 @@ impl Error {
     pub fn status(&self) -> u16 {
         match self {
             Error::BadRequest { .. } => 400,
+            Error::Unauthorized => 401,
+            Error::Forbidden { .. } => 403,
             Error::NotFound { .. } => 404,
             Error::MethodNotAllowed { .. } => 405,
             Error::Timeout => 408,
@@ -112,6 +119,8 @@ impl Error {
             Error::BadRequest { code, .. }
             | Error::NotFound { code, .. }
             | Error::TooLarge { code, .. } => code,
+            Error::Unauthorized => "unauthorized",
+            Error::Forbidden { .. } => "forbidden",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::Timeout => "request_timeout",
             Error::Compacted { .. } => "changes_compacted",
@@ -138,6 +147,8 @@ impl Error {
             Error::BadRequest { message, .. }
             | Error::NotFound { message, .. }
             | Error::TooLarge { message, .. } => message.clone(),
+            Error::Unauthorized => "a valid bearer token is required".into(),
+            Error::Forbidden { message } => message.clone(),
             Error::MethodNotAllowed { .. } => "method not allowed on this path".into(),
             Error::Timeout => "timed out reading the request body".into(),
             Error::Compacted { oldest_rev } => format!(
@@ -220,6 +231,25 @@ mod tests {
         };
         let body: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
         assert_eq!(body["index"], 2);
+    }
+
+    #[test]
+    fn auth_errors_are_401_and_403() {
+        let e = Error::Unauthorized;
+        assert_eq!(e.status(), 401);
+        assert_eq!(
+            e.body(),
+            r#"{"code":"unauthorized","error":"a valid bearer token is required"}"#
+        );
+        let e = Error::Forbidden {
+            message: r#"this token may not write collection "config""#.into(),
+        };
+        assert_eq!(e.status(), 403);
+        let body: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": r#"this token may not write collection "config""#, "code": "forbidden"})
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! kv: wiring only. Read the settings (or run a `kv token` subcommand), open and migrate the database,
-//! start the writer and the HTTP connection threads, wait for a signal (or a fatal error), stop in order, and turn
-//! the outcome into an exit code.
+//! kv: wiring only. Read the settings (or run a `kv token` subcommand), load the tokens, open and
+//! migrate the database, start the writer and the HTTP connection threads, wait for a signal (or a fatal error),
+//! stop in order, and turn the outcome into an exit code.
 
 mod api;
 mod auth;
@@ -33,6 +33,9 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &Config) -> Result<(), String> {
+    let auth = Arc::new(auth::Auth::from_config(config)?);
+    // First, before any thread starts: every later thread must inherit SIGHUP blocked (see auth.rs).
+    auth::reload_on_sighup(&auth)?;
     let store = store::Store::open_and_migrate(&config.db_file(), config.sync)?;
     let rev = store
         .revision()

@@ -287,6 +287,11 @@ impl TestServer {
         self.signal(libc::SIGINT);
     }
 
+    /// SIGHUP, which asks kv to re-read its tokens file.
+    pub fn signal_hup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
     fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) only sends a signal; the pid is our own live child.
