@@ -187,3 +187,30 @@ fill() {
 		{ cat "$out" >&2; die "prepopulating $keys keys $prefix* of $bytes B failed"; }
 	awk -v t0="$t0" -v t1="$(date +%s%N)" 'BEGIN {printf "%.1f\n", (t1 - t0) / 1e9}'
 }
+
+# load_sql N COLLECTION: the sqlite3 script that bulk-loads k0..k(N-1) into COLLECTION of a kv
+# database (schema made by kv) in one transaction, in chunks that print progress: each object
+# with its own revision and feed entry, as kv would have written them. Needs VALUE_BYTES and
+# LOAD_CHUNK_ROWS.
+load_sql() {
+	local n=$1 collection=$2 from=0 to
+	# 2 GB of page cache: the transaction stays in memory until COMMIT writes it to the WAL once.
+	echo "PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF; PRAGMA cache_size = -2000000;"
+	echo "BEGIN;"
+	while ((from < n)); do
+		to=$((from + LOAD_CHUNK_ROWS < n ? from + LOAD_CHUNK_ROWS : n))
+		echo "WITH RECURSIVE s(i) AS (SELECT $from UNION ALL SELECT i + 1 FROM s WHERE i < $((to - 1)))"
+		echo "INSERT INTO kv (collection, key, value, updated_at, rev)"
+		echo "  SELECT '$collection', 'k' || i, printf('\"%0$((VALUE_BYTES - 2))d\"', i), CAST(strftime('%s', 'now') AS INTEGER) * 1000, i + 1 FROM s;"
+		echo "WITH RECURSIVE s(i) AS (SELECT $from UNION ALL SELECT i + 1 FROM s WHERE i < $((to - 1)))"
+		echo "INSERT INTO changes (rev, collection, key) SELECT i + 1, '$collection', 'k' || i FROM s;"
+		echo ".print progress: $to rows inserted"
+		from=$to
+	done
+	echo "UPDATE meta SET value = $n WHERE name = 'revision';"
+	echo ".print progress: committing"
+	echo "COMMIT;"
+	echo ".print progress: checkpointing the WAL into the database file"
+	echo "PRAGMA wal_checkpoint(TRUNCATE);"
+	echo ".print progress: done"
+}

@@ -124,28 +124,6 @@ measure_load() {
 	fi
 }
 
-# load_sql N: the sqlite3 script that inserts k0..k(N-1) in one transaction, in chunks that print
-# progress.
-load_sql() {
-	local n=$1 from=0 to
-	# 2 GB of page cache: the transaction stays in memory until COMMIT writes it to the WAL once.
-	echo "PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF; PRAGMA cache_size = -2000000;"
-	echo "BEGIN;"
-	while ((from < n)); do
-		to=$((from + LOAD_CHUNK_ROWS < n ? from + LOAD_CHUNK_ROWS : n))
-		echo "WITH RECURSIVE s(i) AS (SELECT $from UNION ALL SELECT i + 1 FROM s WHERE i < $((to - 1)))"
-		echo "INSERT INTO kv (collection, key, value, updated_at)"
-		echo "  SELECT 'default', 'k' || i, printf('\"%0$((VALUE_BYTES - 2))d\"', i), CAST(strftime('%s', 'now') AS INTEGER) * 1000 FROM s;"
-		echo ".print progress: $to rows inserted"
-		from=$to
-	done
-	echo ".print progress: committing"
-	echo "COMMIT;"
-	echo ".print progress: checkpointing the WAL into the database file"
-	echo "PRAGMA wal_checkpoint(TRUNCATE);"
-	echo ".print progress: done"
-}
-
 # Total bytes of the keys k0..k(N-1) and their values.
 payload_bytes() {
 	awk -v n="$1" -v v="$VALUE_BYTES" 'BEGIN {
@@ -176,7 +154,7 @@ for n in $BASE_COUNT $SCALE_COUNTS; do
 	log "N=$n: bulk-loading $n objects with sqlite3"
 	t0=$(date +%s%N)
 	# sqlite3 also prints the pragmas' answers; only the progress lines are logged.
-	load_sql "$n" | sqlite3 -bail "$db" | while IFS= read -r line; do
+	load_sql "$n" default | sqlite3 -bail "$db" | while IFS= read -r line; do
 		if [[ $line == progress:* ]]; then
 			case $line in
 			*"rows inserted") log "N=$n: ${line#progress: }" ;;

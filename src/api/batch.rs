@@ -32,6 +32,8 @@ struct RawOp<'a> {
     collection: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     if_rev: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ttl: Option<&'a RawValue>,
 }
 
 #[derive(Clone, Copy)]
@@ -138,6 +140,7 @@ fn parse_op(raw: &RawValue, default: &str) -> Result<(Kind, Op), Error> {
                 key,
                 value: value.get().to_string(),
                 cond,
+                ttl_secs: super::objects::ttl(raw.ttl)?,
             }
         }
         Kind::Delete => Op::Delete {

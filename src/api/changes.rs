@@ -223,6 +223,9 @@ fn push_change(out: &mut String, change: &Change<'_>) {
         ChangeKind::Expired => r#","op":"delete","expired":true"#,
         ChangeKind::DeleteCollection => r#","op":"delete_collection""#,
     });
+    if let Some(ms) = change.expires_at {
+        out.push_str(&format!(r#","expires_at":{}"#, (ms + 999).div_euclid(1000)));
+    }
     if let Some(value) = change.value {
         out.push_str(r#","value":"#);
         out.push_str(value);

@@ -13,6 +13,7 @@
 mod batch;
 mod changes;
 mod collections;
+mod list;
 mod objects;
 
 use std::borrow::Cow;
@@ -162,7 +163,7 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("objects", None | Some("")) => match req.method {
-            Method::Get | Method::Head => objects::list(req, ctx).map(Answer::from),
+            Method::Get | Method::Head => list::list(req, ctx),
             Method::Put => objects::put(req),
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, PUT",

@@ -20,6 +20,8 @@ struct PutBody<'a> {
     key: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     value: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ttl: Option<&'a RawValue>,
 }
 
 pub(super) fn put(req: &Req<'_>) -> Result<Answer<'static>, Error> {
@@ -34,12 +36,14 @@ pub(super) fn put(req: &Req<'_>) -> Result<Answer<'static>, Error> {
             "the body has no \"value\" (use \"value\": null to store null)",
         )
     })?;
+    let ttl_secs = ttl(body.ttl)?;
     let quoted = json_string(&key);
     let op = Op::Put {
         collection,
         key,
         value: value.get().to_string(),
         cond,
+        ttl_secs,
     };
     Ok(Answer::AfterCommit(
         op,
@@ -57,23 +61,55 @@ pub(super) fn get(req: &Req<'_>, ctx: &Ctx<'_>, encoded_key: &str) -> Result<Res
     let cond = preconditions(req)?;
     let collection = collection(req.query)?;
     let key = Name::Key.parse_path(encoded_key)?;
-    let found = ctx.pool.get().get_with(&collection, &key, |value, rev| {
-        if !cond.holds(Some(rev)) {
-            return (rev, None);
-        }
-        let mut body = String::with_capacity(key.len() + value.len() + 20);
-        body.push_str(r#"{"key":"#);
-        push_json_string(&mut body, &key);
-        body.push_str(r#","value":"#);
-        body.push_str(value);
-        body.push('}');
-        (rev, Some(body))
-    })?;
+    let found = ctx
+        .pool
+        .get()
+        .get_with(&collection, &key, |value, version| {
+            if !cond.holds(Some(version.rev)) {
+                return (version, None);
+            }
+            let mut body = String::with_capacity(key.len() + value.len() + 20);
+            body.push_str(r#"{"key":"#);
+            push_json_string(&mut body, &key);
+            body.push_str(r#","value":"#);
+            body.push_str(value);
+            body.push('}');
+            (version, Some(body))
+        })?;
     match found {
         None if cond.if_match.is_some() => Err(precondition_failed(&key, None)),
         None => Err(object_not_found(&key, &collection)),
-        Some((rev, Some(body))) => Ok(Resp::ok(body).with_etag(rev)),
-        Some((rev, None)) => read_precondition_failed(&cond, &key, rev),
+        Some((version, Some(body))) => {
+            let mut resp = Resp::ok(body).with_etag(version.rev);
+            if let Some(ms) = version.expires_at {
+                // Whole seconds, rounded up: the object is surely gone at that second.
+                let secs = (ms + 999).div_euclid(1000);
+                resp.headers.push(("Kv-Expires-At", secs.to_string()));
+            }
+            Ok(resp)
+        }
+        Some((version, None)) => read_precondition_failed(&cond, &key, version.rev),
+    }
+}
+
+/// Longest time to live: ten years, in seconds.
+const MAX_TTL_SECS: u64 = 315_360_000;
+
+/// The optional `"ttl"` of a put: whole seconds from 1 to `MAX_TTL_SECS`; `null` is no ttl.
+pub(super) fn ttl(raw: Option<&RawValue>) -> Result<Option<u64>, Error> {
+    let Some(raw) = raw.filter(|raw| raw.get() != "null") else {
+        return Ok(None);
+    };
+    // serde refuses 1.0, 1e3, -1, "1" and true as a u64, as it should.
+    match serde_json::from_str::<u64>(raw.get()) {
+        Ok(secs) if (1..=MAX_TTL_SECS).contains(&secs) => Ok(Some(secs)),
+        _ => Err(Error::bad_request(
+            "invalid_ttl",
+            format!(
+                "\"ttl\" must be a whole number of seconds from 1 to {MAX_TTL_SECS}, not {}",
+                raw.get()
+            ),
+        )),
     }
 }
 
@@ -87,35 +123,6 @@ fn read_precondition_failed(cond: &Cond, key: &str, rev: u64) -> Result<Resp, Er
         return Err(precondition_failed(key, Some(rev)));
     }
     Ok(Resp::not_modified(rev))
-}
-
-pub(super) fn list(req: &Req<'_>, ctx: &Ctx<'_>) -> Result<Resp, Error> {
-    let if_none_match = match req.header("if-none-match") {
-        Some(header) => Some(parse_tags(&header, true)?),
-        None => None,
-    };
-    let collection = collection(req.query)?;
-    let store = ctx.pool.get();
-    store.snapshot(|store| {
-        let rev = store.collection_rev(&collection)?;
-        // A collection's ETag names its state, so `*` matches even an empty collection.
-        if let Some(tags) = &if_none_match {
-            if matches!(tags, Tags::Any) || tags.matches(Some(rev)) {
-                return Ok(Resp::not_modified(rev));
-            }
-        }
-        let mut objects = String::from("{");
-        let count = store.list(&collection, |key, value| {
-            if objects.len() > 1 {
-                objects.push(',');
-            }
-            push_json_string(&mut objects, key);
-            objects.push(':');
-            objects.push_str(value);
-        })?;
-        objects.push('}');
-        Ok(Resp::ok(format!(r#"{{"count":{count},"objects":{objects}}}"#)).with_etag(rev))
-    })
 }
 
 pub(super) fn delete(req: &Req<'_>, encoded_key: &str) -> Result<Answer<'static>, Error> {

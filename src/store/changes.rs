@@ -27,6 +27,8 @@ pub struct Change<'a> {
     pub kind: ChangeKind,
     /// The stored JSON text, for a put when values were asked for.
     pub value: Option<&'a str>,
+    /// When a put's object expires (unix ms).
+    pub expires_at: Option<i64>,
 }
 
 /// What a feed read found besides its entries.
@@ -45,22 +47,22 @@ pub struct Page {
 /// The four shapes of the feed query: one collection or all, with or without values. An entry
 /// is current when its key is still at its revision, live in `kv` or as a tombstone.
 const FEED_SQL: [&str; 4] = [
-    "SELECT c.rev, c.collection, c.key, NULL, t.kind FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, NULL, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
      ORDER BY c.rev LIMIT ?3",
-    "SELECT c.rev, c.collection, c.key, kv.value, t.kind FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, kv.value, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
      ORDER BY c.rev LIMIT ?3",
-    "SELECT c.rev, c.collection, c.key, NULL, t.kind FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, NULL, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.collection = ?2 AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
      ORDER BY c.rev LIMIT ?3",
-    "SELECT c.rev, c.collection, c.key, kv.value, t.kind FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, kv.value, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.collection = ?2 AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
@@ -148,6 +150,7 @@ impl Store {
                 key: row.get_ref(2)?.as_str()?,
                 kind,
                 value: row.get_ref(3)?.as_str_or_null()?,
+                expires_at: row.get(5)?,
             };
             each(&change);
             page.count += 1;
@@ -265,10 +268,10 @@ mod tests {
     fn the_feed_holds_the_latest_state_of_each_key_in_revision_order() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        write(&s, 1, |s| s.put("c", "a", "1", 1).unwrap());
-        write(&s, 2, |s| s.put("c", "b", "2", 2).unwrap());
-        write(&s, 3, |s| s.put("d", "a", "3", 3).unwrap());
-        write(&s, 4, |s| s.put("c", "a", "4", 4).unwrap());
+        write(&s, 1, |s| s.put("c", "a", "1", 1, None).unwrap());
+        write(&s, 2, |s| s.put("c", "b", "2", 2, None).unwrap());
+        write(&s, 3, |s| s.put("d", "a", "3", 3, None).unwrap());
+        write(&s, 4, |s| s.put("c", "a", "4", 4, None).unwrap());
         write(&s, 5, |s| assert!(s.delete("c", "b", 5).unwrap()));
         let (all, page) = feed(&s, 0, None, 10);
         assert_eq!(all, ["3 Put d/a 3", "4 Put c/a 4", "5 Delete c/b -"]);
@@ -288,7 +291,7 @@ mod tests {
         assert!(none.is_empty());
         assert_eq!((page.last_rev, page.more), (5, false));
         // A put revives a deleted key: its tombstone goes.
-        write(&s, 6, |s| s.put("c", "b", "6", 6).unwrap());
+        write(&s, 6, |s| s.put("c", "b", "6", 6, None).unwrap());
         assert_eq!(feed(&s, 0, Some("c"), 10).0, ["4 Put c/a 4", "6 Put c/b 6"]);
         // A collection delete supersedes everything before it in that collection.
         write(&s, 7, |s| {
@@ -305,8 +308,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
         write(&s, 2, |s| {
-            s.put("c", "a", "1", 1).unwrap();
-            s.put("c", "b", "1", 2).unwrap();
+            s.put("c", "a", "1", 1, None).unwrap();
+            s.put("c", "b", "1", 2, None).unwrap();
         });
         write(&s, 4, |s| {
             s.delete("c", "a", 3).unwrap();
@@ -331,14 +334,14 @@ mod tests {
     fn compaction_deletes_only_stale_entries_and_changes_no_answer() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        write(&s, 1, |s| assert!(!s.put("c", "a", "1", 1).unwrap()));
-        write(&s, 2, |s| assert!(s.put("c", "a", "2", 2).unwrap()));
+        write(&s, 1, |s| assert!(!s.put("c", "a", "1", 1, None).unwrap()));
+        write(&s, 2, |s| assert!(s.put("c", "a", "2", 2, None).unwrap()));
         write(&s, 3, |s| {
-            s.put("c", "b", "3", 3).unwrap();
+            s.put("c", "b", "3", 3, None).unwrap();
         });
         write(&s, 4, |s| assert!(s.delete("c", "b", 4).unwrap()));
         write(&s, 5, |s| {
-            s.put("d", "x", "5", 5).unwrap();
+            s.put("d", "x", "5", 5, None).unwrap();
         });
         let before = feed(&s, 0, None, 10).0;
         let entries = |s: &Store| s.feed_log_len().unwrap();

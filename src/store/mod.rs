@@ -11,8 +11,9 @@ mod objects;
 mod schema;
 
 pub use changes::{Change, ChangeKind, Page};
+pub use objects::Range;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -131,6 +132,8 @@ impl Store {
 pub struct Pool {
     idle: Mutex<Vec<Store>>,
     returned: Condvar,
+    path: PathBuf,
+    sync: Sync,
 }
 
 /// A read connection checked out of a `Pool`; goes back when dropped.
@@ -148,7 +151,15 @@ impl Pool {
         Ok(Pool {
             idle: Mutex::new(idle),
             returned: Condvar::new(),
+            path: path.to_path_buf(),
+            sync,
         })
+    }
+
+    /// A connection of its own, outside the pool, for a read that may take long (a list streamed
+    /// to a slow client must not keep a pooled connection from the others).
+    pub fn dedicated(&self) -> Result<Store, rusqlite::Error> {
+        Store::open(&self.path, self.sync)
     }
 
     /// A connection, waiting for one to come back when all are in use.

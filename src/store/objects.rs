@@ -11,55 +11,132 @@ pub(super) const DELETED: i64 = 0;
 pub(super) const EXPIRED: i64 = 1;
 pub(super) const COLLECTION_DELETED: i64 = 2;
 
+/// What a read knows of an object besides its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub rev: u64,
+    /// When it expires (unix ms); `None`: never.
+    pub expires_at: Option<i64>,
+}
+
+/// Which part of a collection a list reads, in ascending key order.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Range<'a> {
+    /// Only keys starting with this (empty: all).
+    pub prefix: &'a str,
+    /// Only keys after this one (a page's cursor).
+    pub after: Option<&'a str>,
+    /// At most this many objects.
+    pub limit: Option<usize>,
+}
+
+/// The list statements: with or without an upper bound for the prefix, with or without values.
+/// An object is live until its `expires_at`.
+const LIST_SQL: [&str; 4] = [
+    "SELECT key, NULL FROM kv WHERE collection = ?1 AND key > ?2 AND key >= ?3
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT ?6",
+    "SELECT key, value FROM kv WHERE collection = ?1 AND key > ?2 AND key >= ?3
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT ?6",
+    "SELECT key, NULL FROM kv WHERE collection = ?1 AND key > ?2 AND key >= ?3 AND key < ?4
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT ?6",
+    "SELECT key, value FROM kv WHERE collection = ?1 AND key > ?2 AND key >= ?3 AND key < ?4
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT ?6",
+];
+
 impl Store {
-    /// The stored JSON text of one object.
+    /// The stored JSON text of one live object.
     #[cfg(test)]
     pub fn get(&self, collection: &str, key: &str) -> Result<Option<String>, rusqlite::Error> {
         self.get_with(collection, key, |value, _| value.to_string())
     }
 
-    /// Hands the stored JSON text of one object and its revision to `read`, without copying the
-    /// text out of SQLite first.
+    /// Hands the stored JSON text of one live object and its version to `read`, without copying
+    /// the text out of SQLite first.
     pub fn get_with<T>(
         &self,
         collection: &str,
         key: &str,
-        read: impl FnOnce(&str, u64) -> T,
+        read: impl FnOnce(&str, Version) -> T,
     ) -> Result<Option<T>, rusqlite::Error> {
         self.conn
-            .prepare_cached("SELECT value, rev FROM kv WHERE collection = ?1 AND key = ?2")?
-            .query_row(params![collection, key], |row| {
-                Ok(read(row.get_ref(0)?.as_str()?, count(row.get(1)?)))
+            .prepare_cached(
+                "SELECT value, rev, expires_at FROM kv WHERE collection = ?1 AND key = ?2
+                 AND (expires_at IS NULL OR expires_at > ?3)",
+            )?
+            .query_row(params![collection, key, now_millis()], |row| {
+                let version = Version {
+                    rev: count(row.get(1)?),
+                    expires_at: row.get(2)?,
+                };
+                Ok(read(row.get_ref(0)?.as_str()?, version))
             })
             .optional()
     }
 
-    /// The revision of one object; `None` when it does not exist.
+    /// The revision of one live object; `None` when it does not exist (or has expired).
     pub fn rev_of(&self, collection: &str, key: &str) -> Result<Option<u64>, rusqlite::Error> {
         self.conn
-            .prepare_cached("SELECT rev FROM kv WHERE collection = ?1 AND key = ?2")?
-            .query_row(params![collection, key], |row| row.get(0).map(count))
+            .prepare_cached(
+                "SELECT rev FROM kv WHERE collection = ?1 AND key = ?2
+                 AND (expires_at IS NULL OR expires_at > ?3)",
+            )?
+            .query_row(params![collection, key, now_millis()], |row| {
+                row.get(0).map(count)
+            })
             .optional()
     }
 
-    /// Calls `each(key, value)` for every object of a collection in ascending key order; returns the count.
+    /// Calls `each(key, value)` for the live objects of a range of a collection in ascending key
+    /// order (`value` is `None` unless `values`); returns how many, and whether more follow
+    /// (looked at only when the range has a limit).
     pub fn list(
         &self,
         collection: &str,
-        mut each: impl FnMut(&str, &str),
-    ) -> Result<usize, rusqlite::Error> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT key, value FROM kv WHERE collection = ?1 ORDER BY key")?;
-        let mut rows = stmt.query(params![collection])?;
-        let mut count = 0;
+        range: Range<'_>,
+        values: bool,
+        mut each: impl FnMut(&str, Option<&str>),
+    ) -> Result<(usize, bool), rusqlite::Error> {
+        let upper = prefix_end(range.prefix);
+        let sql = LIST_SQL[usize::from(upper.is_some()) * 2 + usize::from(values)];
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        // One more than the limit tells whether more follow; -1 is SQLite's "no limit".
+        let limit = range.limit.map_or(-1, |n| n as i64 + 1);
+        let mut rows = stmt.query(params![
+            collection,
+            range.after.unwrap_or(""),
+            range.prefix,
+            upper,
+            now_millis(),
+            limit
+        ])?;
+        let mut n = 0;
         while let Some(row) = rows.next()? {
-            let key = row.get_ref(0)?.as_str()?;
-            let value = row.get_ref(1)?.as_str()?;
-            each(key, value);
-            count += 1;
+            if range.limit == Some(n) {
+                return Ok((n, true));
+            }
+            each(row.get_ref(0)?.as_str()?, row.get_ref(1)?.as_str_or_null()?);
+            n += 1;
         }
-        Ok(count)
+        Ok((n, false))
+    }
+
+    /// How many live objects a range holds (its limit aside): from the counts table when the
+    /// range is the whole collection, else by counting the range.
+    pub fn count_live(&self, collection: &str, range: Range<'_>) -> Result<u64, rusqlite::Error> {
+        let now = now_millis();
+        if range.prefix.is_empty() && range.after.is_none() {
+            // The counts table still counts objects that expired but are not swept yet.
+            return self
+                .conn
+                .prepare_cached(
+                    "SELECT coalesce((SELECT count FROM collections WHERE name = ?1), 0)
+                     - (SELECT count(*) FROM kv WHERE expires_at <= ?2 AND collection = ?1)",
+                )?
+                .query_row(params![collection, now], |row| row.get(0).map(count));
+        }
+        let mut n = 0;
+        self.list(collection, range, false, |_, _| n += 1)?;
+        Ok(n as u64)
     }
 
     /// Calls `each(name, count, rev)` for every non-empty collection in ascending name order;
@@ -118,47 +195,82 @@ impl Store {
             .query_row(params![name], |row| row.get(0).map(count))
     }
 
-    /// Stores one object at revision `rev` (the insert trigger forgets its tombstone, if any);
-    /// says whether it replaced a live object.
+    /// Stores one object at revision `rev`, expiring at `expires_at` (unix ms; `None`: never).
+    /// The insert trigger forgets its tombstone, if any. Says whether it replaced a stored
+    /// object (live or expired but not swept yet).
     pub fn put(
         &self,
         collection: &str,
         key: &str,
         value: &str,
         rev: u64,
+        expires_at: Option<i64>,
     ) -> Result<bool, rusqlite::Error> {
         // UPDATE first: most writes to existing keys are overwrites, and an upsert that sets
         // `rev` measured slower than the two statements.
         let now = now_millis();
+        let args = params![collection, key, value, now, rev as i64, expires_at];
         let replaced = self
             .conn
             .prepare_cached(
-                "UPDATE kv SET value = ?3, updated_at = ?4, rev = ?5
+                "UPDATE kv SET value = ?3, updated_at = ?4, rev = ?5, expires_at = ?6
                  WHERE collection = ?1 AND key = ?2",
             )?
-            .execute(params![collection, key, value, now, rev as i64])?
+            .execute(args)?
             > 0;
         if !replaced {
             self.conn
                 .prepare_cached(
-                    "INSERT INTO kv (collection, key, value, updated_at, rev)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO kv (collection, key, value, updated_at, rev, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
-                .execute(params![collection, key, value, now, rev as i64])?;
+                .execute(args)?;
         }
         self.log(collection, key, rev)?;
         Ok(replaced)
     }
 
-    /// Removes one object, leaving a tombstone at revision `rev`; says whether it was there (no
-    /// tombstone when it was not).
+    /// Removes one live object, leaving a tombstone at revision `rev`; says whether it was there
+    /// (no tombstone when it was not). An expired object is left to the sweep.
     pub fn delete(&self, collection: &str, key: &str, rev: u64) -> Result<bool, rusqlite::Error> {
         let removed = self
             .conn
-            .prepare_cached("DELETE FROM kv WHERE collection = ?1 AND key = ?2")?
-            .execute(params![collection, key])?;
+            .prepare_cached(
+                "DELETE FROM kv WHERE collection = ?1 AND key = ?2
+                 AND (expires_at IS NULL OR expires_at > ?3)",
+            )?
+            .execute(params![collection, key, now_millis()])?;
         if removed > 0 {
             self.bury(collection, key, DELETED, rev)?;
+        }
+        Ok(removed > 0)
+    }
+
+    /// Up to `limit` objects that have expired by `now` (unix ms), soonest first.
+    pub fn expired(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, rusqlite::Error> {
+        self.conn
+            .prepare_cached(
+                "SELECT collection, key FROM kv WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+            )?
+            .query_map(params![now, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect()
+    }
+
+    /// Removes one expired object, leaving a tombstone of kind "expired" at revision `rev`; says
+    /// whether it was still there and expired.
+    pub fn expire(&self, collection: &str, key: &str, rev: u64) -> Result<bool, rusqlite::Error> {
+        let removed = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM kv WHERE collection = ?1 AND key = ?2 AND expires_at <= ?3",
+            )?
+            .execute(params![collection, key, now_millis()])?;
+        if removed > 0 {
+            self.bury(collection, key, EXPIRED, rev)?;
         }
         Ok(removed > 0)
     }
@@ -208,8 +320,27 @@ impl Store {
     }
 }
 
+/// The least string above every string that starts with `prefix` (None when there is none, or
+/// the prefix is empty): the prefix with its last character raised by one code point. UTF-8 byte
+/// order is code point order, so this bounds the prefix's range in SQLite's byte-wise order.
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last as u32 {
+            0xD7FF => Some('\u{E000}'),
+            c => char::from_u32(c + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::store::tests::{counts, store};
 
     #[test]
@@ -217,13 +348,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
         assert_eq!(s.get("default", "a").unwrap(), None);
-        s.put("default", "a", r#"{"n":1}"#, 1).unwrap();
+        s.put("default", "a", r#"{"n":1}"#, 1, None).unwrap();
         assert_eq!(
             s.get("default", "a").unwrap().as_deref(),
             Some(r#"{"n":1}"#)
         );
         assert_eq!(s.rev_of("default", "a").unwrap(), Some(1));
-        s.put("default", "a", "2", 2).unwrap();
+        s.put("default", "a", "2", 2, None).unwrap();
         assert_eq!(s.get("default", "a").unwrap().as_deref(), Some("2"));
         assert_eq!(s.rev_of("default", "a").unwrap(), Some(2));
         assert!(s.delete("default", "a", 3).unwrap());
@@ -236,8 +367,8 @@ mod tests {
     fn collections_do_not_collide() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        s.put("a", "b:c", "1", 1).unwrap();
-        s.put("a:b", "c", "2", 2).unwrap();
+        s.put("a", "b:c", "1", 1, None).unwrap();
+        s.put("a:b", "c", "2", 2, None).unwrap();
         assert_eq!(s.get("a", "b:c").unwrap().as_deref(), Some("1"));
         assert_eq!(s.get("a:b", "c").unwrap().as_deref(), Some("2"));
         assert_eq!(s.get("a", "b").unwrap(), None);
@@ -248,24 +379,135 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
         for (rev, key) in ["b", "a", "é", "Z"].into_iter().enumerate() {
-            s.put("c", key, "null", rev as u64 + 1).unwrap();
+            s.put("c", key, "null", rev as u64 + 1, None).unwrap();
         }
-        s.put("other", "x", "null", 9).unwrap();
+        s.put("other", "x", "null", 9, None).unwrap();
+        let keys = |range: Range<'_>| {
+            let mut keys = Vec::new();
+            let (_, more) = s
+                .list("c", range, true, |k, v| {
+                    assert_eq!(v, Some("null"));
+                    keys.push(k.to_string())
+                })
+                .unwrap();
+            (keys, more)
+        };
+        assert_eq!(
+            keys(Range::default()),
+            (
+                vec!["Z", "a", "b", "é"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                false
+            )
+        );
+        let first = Range {
+            limit: Some(2),
+            ..Range::default()
+        };
+        assert_eq!(keys(first).0, ["Z", "a"]);
+        assert!(keys(first).1, "more follow");
+        let rest = Range {
+            after: Some("a"),
+            limit: Some(2),
+            ..Range::default()
+        };
+        assert_eq!(keys(rest), (vec!["b".to_string(), "é".to_string()], false));
+        assert_eq!(
+            s.list("empty", Range::default(), true, |_, _| {}).unwrap(),
+            (0, false)
+        );
+        assert_eq!(s.count_live("c", Range::default()).unwrap(), 4);
+        assert_eq!(s.count_live("c", rest).unwrap(), 2, "the limit aside");
+    }
+
+    #[test]
+    fn a_prefix_bounds_the_range_byte_wise() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        for (rev, key) in ["a", "ab", "abc", "ab\u{10FFFF}", "ac", "b", "é", "éa"]
+            .into_iter()
+            .enumerate()
+        {
+            s.put("c", key, "1", rev as u64 + 1, None).unwrap();
+        }
+        let under = |prefix: &str| {
+            let mut keys = Vec::new();
+            let range = Range {
+                prefix,
+                ..Range::default()
+            };
+            s.list("c", range, false, |k, v| {
+                assert_eq!(v, None, "keys only");
+                keys.push(k.to_string())
+            })
+            .unwrap();
+            assert_eq!(s.count_live("c", range).unwrap(), keys.len() as u64);
+            keys
+        };
+        assert_eq!(under("ab"), ["ab", "abc", "ab\u{10FFFF}"]);
+        assert_eq!(under("é"), ["é", "éa"]);
+        assert_eq!(under("z"), Vec::<String>::new());
+        assert_eq!(under("").len(), 8);
+        assert_eq!(prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_end("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        assert_eq!(prefix_end("\u{10FFFF}"), None);
+    }
+
+    #[test]
+    fn an_expired_object_is_absent_for_every_read_until_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let past = now_millis() - 1;
+        s.put("c", "gone", "1", 1, Some(past)).unwrap();
+        s.put("c", "later", "2", 2, Some(now_millis() + 60_000))
+            .unwrap();
+        s.put("c", "always", "3", 3, None).unwrap();
+        assert_eq!(s.get("c", "gone").unwrap(), None);
+        assert_eq!(s.rev_of("c", "gone").unwrap(), None);
+        assert!(
+            !s.delete("c", "gone", 4).unwrap(),
+            "deleting an expired object finds nothing"
+        );
         let mut keys = Vec::new();
-        let n = s.list("c", |k, _| keys.push(k.to_string())).unwrap();
-        assert_eq!(n, 4);
-        assert_eq!(keys, ["Z", "a", "b", "é"]);
-        assert_eq!(s.list("empty", |_, _| {}).unwrap(), 0);
+        s.list("c", Range::default(), false, |k, _| {
+            keys.push(k.to_string())
+        })
+        .unwrap();
+        assert_eq!(keys, ["always", "later"]);
+        assert_eq!(s.count_live("c", Range::default()).unwrap(), 2);
+        assert_eq!(
+            s.collection_count("c").unwrap(),
+            Some((3, 3)),
+            "until the sweep"
+        );
+        let version = s.get_with("c", "later", |_, v| v).unwrap().unwrap();
+        assert_eq!(version.rev, 2);
+        assert!(version.expires_at.is_some());
+        assert_eq!(
+            s.expired(now_millis(), 10).unwrap(),
+            [("c".to_string(), "gone".to_string())]
+        );
+        assert!(s.expire("c", "gone", 4).unwrap());
+        assert!(!s.expire("c", "later", 5).unwrap(), "not expired yet");
+        assert_eq!(s.collection_count("c").unwrap(), Some((2, 4)));
+        // A put makes an object permanent again, and revives an expired one.
+        s.put("c", "later", "2", 5, None).unwrap();
+        assert_eq!(
+            s.get_with("c", "later", |_, v| v.expires_at).unwrap(),
+            Some(None)
+        );
     }
 
     #[test]
     fn collection_counts_and_revisions_follow_every_write() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        s.put("b", "1", "1", 1).unwrap();
-        s.put("b", "1", "2", 2).unwrap(); // an overwrite is not a new object
-        s.put("b", "2", "1", 3).unwrap();
-        s.put("a", "1", "1", 4).unwrap();
+        s.put("b", "1", "1", 1, None).unwrap();
+        s.put("b", "1", "2", 2, None).unwrap(); // an overwrite is not a new object
+        s.put("b", "2", "1", 3, None).unwrap();
+        s.put("a", "1", "1", 4, None).unwrap();
         assert_eq!(
             counts(&s),
             [("a".to_string(), 1, 4), ("b".to_string(), 2, 3)]

@@ -100,6 +100,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER kv_counted_delete AFTER DELETE ON kv BEGIN
         UPDATE collections SET count = count - 1 WHERE name = OLD.collection;
     END;",
+    // 5: objects that expire: `expires_at` (unix ms) is NULL for permanent objects. Reads leave
+    // out an object from the moment it expires; the sweep finds the expired ones through the
+    // partial index (only objects with a TTL are in it) and deletes them with a revision each.
+    "ALTER TABLE kv ADD COLUMN expires_at INTEGER;
+    CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;",
 ];
 
 impl Store {
@@ -176,7 +181,7 @@ mod tests {
             Some("1"),
             "objects kept"
         );
-        s.put("y", "b", "1", 4).unwrap();
+        s.put("y", "b", "1", 4, None).unwrap();
         assert_eq!(
             s.collection_count("y").unwrap(),
             Some((2, 4)),
@@ -225,7 +230,7 @@ mod tests {
     fn migrate_is_idempotent_and_refuses_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = store(&dir);
-        s.put("c", "k", "1", 1).unwrap();
+        s.put("c", "k", "1", 1, None).unwrap();
         s.migrate().unwrap();
         assert_eq!(s.get("c", "k").unwrap().as_deref(), Some("1"));
         s.conn

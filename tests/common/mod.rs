@@ -369,9 +369,23 @@ fn read_response_with(stream: &mut TcpStream, has_body: bool) -> Response {
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.parse::<usize>().ok());
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
     let mut body = Vec::new();
     match length {
         _ if !has_body => {}
+        _ if chunked => loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).expect("read chunk size");
+            let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).expect("read chunk");
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        },
         Some(n) => {
             body.resize(n, 0);
             reader.read_exact(&mut body).expect("read body");
