@@ -30,6 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::api::{self, Answer, Ctx, Method, Req, Resp, Stream};
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::{self, Metrics};
 use crate::store::Pool;
 use crate::watch::Watch;
 use crate::writer::{Submitter, Writer};
@@ -66,12 +67,22 @@ pub struct Server {
 struct Shared {
     pool: Pool,
     watch: Arc<Watch>,
+    metrics: Arc<Metrics>,
     submitter: Submitter,
     max_body_bytes: usize,
     max_batch_ops: usize,
     stopping: AtomicBool,
     /// Requests received and not yet answered; a stop waits for it to reach zero.
     in_flight: AtomicUsize,
+}
+
+/// Counts a connection as open until dropped.
+struct OpenConnection<'a>(&'a Metrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts one request as in flight until dropped, however its handling ends.
@@ -148,6 +159,7 @@ pub fn serve(
     config: &Config,
     writer: &Writer,
     watch: Arc<Watch>,
+    metrics: Arc<Metrics>,
     stops: Sender<Stop>,
 ) -> Result<Server, String> {
     let listener = listen(config)?;
@@ -157,6 +169,7 @@ pub fn serve(
     let shared = Arc::new(Shared {
         pool,
         watch,
+        metrics,
         submitter: writer.submitter(),
         max_body_bytes: config.max_body_bytes,
         max_batch_ops: config.max_batch_ops,
@@ -261,6 +274,11 @@ fn serve_connection<E: std::fmt::Display>(
     connection: impl Iterator<Item = Result<tiny_http::Request, E>>,
     shared: &Shared,
 ) {
+    shared
+        .metrics
+        .open_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let _open = OpenConnection(&shared.metrics);
     for parsed in connection {
         match parsed {
             Ok(request) => {
@@ -268,7 +286,12 @@ fn serve_connection<E: std::fmt::Display>(
                 // this request sees the flag (both are SeqCst).
                 let _in_flight = InFlight::enter(&shared.in_flight);
                 if shared.stopping.load(Ordering::SeqCst) {
-                    send(request, Err(shutting_down()), Instant::now());
+                    send(
+                        request,
+                        Err(shutting_down()),
+                        Instant::now(),
+                        &shared.metrics,
+                    );
                     return;
                 }
                 if !handle(request, shared) {
@@ -301,6 +324,7 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
     let ctx = Ctx {
         pool: &shared.pool,
         watch: &shared.watch,
+        metrics: &shared.metrics,
         max_batch_ops: shared.max_batch_ops,
     };
     // A refused body is left unread; tiny_http reads and discards the rest when the request is
@@ -328,24 +352,32 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
         Err(e) => Err(e),
         Ok(Answer::AfterCommit(op, finish)) => shared.submitter.write(op).and_then(finish),
         Ok(Answer::Stream(stream)) => {
-            if let Err(panic) =
-                catch_unwind(AssertUnwindSafe(|| send_stream(request, stream, started)))
-            {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
+                send_stream(request, stream, started, &shared.metrics)
+            })) {
                 log::error!("a stream {}", Error::from_panic(panic));
             }
             return false;
         }
     };
-    send(request, result, started);
+    send(request, result, started, &shared.metrics);
     true
 }
 
 /// Sends the answer to a request, and logs it.
-fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Instant) {
+fn send(
+    request: tiny_http::Request,
+    result: Result<Resp, Error>,
+    started: Instant,
+    metrics: &Metrics,
+) {
     let path = request.url().split('?').next().unwrap_or("");
     let (status, body, headers) = match result {
         Ok(resp) => (resp.status, resp.body, resp.headers),
         Err(e) => {
+            if matches!(e, Error::Storage(_)) {
+                metrics.storage_error();
+            }
             if e.status() >= 500 && !matches!(e, Error::TooManyWaiters) {
                 log::error!("{} {path}: {e}", request.method());
             }
@@ -363,15 +395,23 @@ fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Insta
     let mut response = tiny_http::Response::from_string(body)
         .with_status_code(status)
         .with_chunked_threshold(usize::MAX);
-    let content_type = ("Content-Type", "application/json");
-    for (name, value) in
-        std::iter::once(content_type).chain(headers.iter().map(|(n, v)| (*n, v.as_str())))
+    // JSON unless the answer says otherwise.
+    let json = (!headers.iter().any(|(name, _)| *name == "Content-Type"))
+        .then_some(("Content-Type", "application/json"));
+    for (name, value) in json
+        .into_iter()
+        .chain(headers.iter().map(|(n, v)| (*n, v.as_str())))
     {
         if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
             response.add_header(header);
         }
     }
+    let (method, route) = (
+        metrics::method_of(request.method().as_str()),
+        metrics::route_of(path),
+    );
     let sent = request.respond(response);
+    metrics.request(method, route, status, started.elapsed());
     if let Some(line) = line {
         match sent {
             Ok(()) => log::debug!("{line} {:.1?}", started.elapsed()),
@@ -382,9 +422,18 @@ fn send(request: tiny_http::Request, result: Result<Resp, Error>, started: Insta
 
 /// Sends a streamed answer: the head, then the body in chunks as the stream writes it, flushed
 /// whenever the stream flushes. Returns when the stream ends or the client has gone.
-fn send_stream(request: tiny_http::Request, stream: Stream<'_>, started: Instant) {
+fn send_stream(
+    request: tiny_http::Request,
+    stream: Stream<'_>,
+    started: Instant,
+    metrics: &Metrics,
+) {
     let path = request.url().split('?').next().unwrap_or("").to_string();
     let method = request.method().clone();
+    let labels = (
+        metrics::method_of(method.as_str()),
+        metrics::route_of(&path),
+    );
     let head_only = method == tiny_http::Method::Head;
     let mut head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n",
@@ -406,6 +455,7 @@ fn send_stream(request: tiny_http::Request, stream: Stream<'_>, started: Instant
             out.write_all(b"0\r\n\r\n")?;
             out.flush()
         });
+    metrics.request(labels.0, labels.1, 200, started.elapsed());
     match sent {
         Ok(()) => log::debug!("{method} {path} 200 (stream) {:.1?}", started.elapsed()),
         Err(e) => log::debug!("{method} {path} 200 (stream) ended: {e}"),

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod error;
 mod http;
+mod metrics;
 mod store;
 mod watch;
 mod writer;
@@ -42,7 +43,9 @@ fn run(config: &Config) -> Result<(), String> {
         .map_err(|e| format!("cannot read the revision: {e}"))?;
     let watch = Arc::new(watch::Watch::new(rev, config.max_waiters));
     let retention = Duration::from_secs(config.changes_retention_secs);
-    let writer = writer::Writer::start(store, watch.clone(), retention)
+    let metrics =
+        Arc::new(metrics::Metrics::new().map_err(|e| format!("cannot set up the metrics: {e}"))?);
+    let writer = writer::Writer::start(store, watch.clone(), metrics.clone(), retention)
         .map_err(|e| format!("cannot start the writer: {e}"))?;
     let (stops, stop) = channel();
     let on_signal = stops.clone();
@@ -50,7 +53,7 @@ fn run(config: &Config) -> Result<(), String> {
         let _ = on_signal.send(http::Stop::Signal);
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    let server = http::serve(config, &writer, watch, stops)?;
+    let server = http::serve(config, &writer, watch, metrics, stops)?;
     log::info!(
         "kv {} listening on http://{} (database {}, sync {}, {} read connections)",
         env!("CARGO_PKG_VERSION"),

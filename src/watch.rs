@@ -95,7 +95,6 @@ impl Watch {
     }
 
     /// How many leases are out (waiting long-polls and running streams).
-    #[cfg(test)]
     pub fn waiters(&self) -> usize {
         self.leased.load(Ordering::SeqCst)
     }

@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::store::{Store, now_millis};
 use crate::watch::Watch;
 
@@ -258,7 +259,12 @@ impl QueuedBytes {
 impl Writer {
     /// Starts the writer thread on the given (write) connection, the checkpointer on another, and
     /// the purge that forgets deletions after `retention`. Each commit is published to `watch`.
-    pub fn start(store: Store, watch: Arc<Watch>, retention: Duration) -> std::io::Result<Writer> {
+    pub fn start(
+        store: Store,
+        watch: Arc<Watch>,
+        metrics: Arc<Metrics>,
+        retention: Duration,
+    ) -> std::io::Result<Writer> {
         let checkpoints = store
             .reopen()
             .and_then(|c| {
@@ -283,6 +289,7 @@ impl Writer {
         let writing = Writing {
             store,
             watch,
+            metrics,
             rev,
             stale: 0,
             compacting: None,
@@ -470,6 +477,7 @@ fn run(mut writing: Writing, queue: Receiver<Msg>, queued: &QueuedBytes) {
 struct Writing {
     store: Store,
     watch: Arc<Watch>,
+    metrics: Arc<Metrics>,
     /// The revision of the latest change applied (committed, or in the open transaction).
     rev: u64,
     /// Feed entries made stale since the last compaction (counted from this start on).
@@ -483,6 +491,7 @@ impl Writing {
     /// SQLite rolls the whole transaction back, and the others run again without it, so nothing
     /// half-done is ever committed and one bad write does not fail its neighbours.
     fn commit(&mut self, group: &mut Vec<Job>) {
+        let started = Instant::now();
         let mut failed: Vec<Option<Error>> = group.iter().map(|_| None).collect();
         let start_rev = self.rev;
         let (replies, changed) = 'attempt: loop {
@@ -501,6 +510,7 @@ impl Writing {
                 match self.apply(&job.op, &mut changed) {
                     Err(e @ Error::Storage(_)) => {
                         log::error!("write failed: {e}");
+                        self.metrics.storage_error();
                         if !self.store.is_autocommit() {
                             let _ = self.store.control("ROLLBACK");
                         }
@@ -519,6 +529,7 @@ impl Writing {
             };
             if let Err(e) = finished {
                 log::error!("commit failed: {e}");
+                self.metrics.storage_error();
                 if !self.store.is_autocommit() {
                     let _ = self.store.control("ROLLBACK");
                 }
@@ -532,6 +543,8 @@ impl Writing {
             self.watch
                 .publish(self.rev, changed.iter().map(String::as_str));
         }
+        self.metrics
+            .commit(started.elapsed(), group.len(), self.rev - start_rev);
         for ((job, reply), failure) in group.drain(..).zip(replies).zip(failed) {
             let reply = match (reply, failure) {
                 (Some(reply), _) => reply,
@@ -717,7 +730,8 @@ mod tests {
             .unwrap();
         let reader = Store::open(&path, Sync::Normal).unwrap();
         let watch = Arc::new(Watch::new(0, 4));
-        let writer = Writer::start(store, watch, Duration::from_secs(3600)).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let writer = Writer::start(store, watch, metrics, Duration::from_secs(3600)).unwrap();
         (writer, reader)
     }
 

@@ -10,6 +10,7 @@
 //! Values travel as the JSON text the client sent: a PUT checks the syntax and stores the text, a GET
 //! splices the stored text into the response without parsing it again.
 
+mod admin;
 mod batch;
 mod changes;
 mod collections;
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::store::{Pool, Store};
 use crate::watch::Watch;
 use crate::writer::{Op, Outcome};
@@ -140,10 +142,12 @@ impl From<Resp> for Answer<'_> {
     }
 }
 
-/// What a handler may use: the read connections, the waiters' registry, and the limits.
+/// What a handler may use: the read connections, the waiters' registry, the metrics, and the
+/// limits.
 pub struct Ctx<'a> {
     pub pool: &'a Pool,
     pub watch: &'a Watch,
+    pub metrics: &'a Metrics,
     pub max_batch_ops: usize,
 }
 
@@ -190,6 +194,10 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
         ("batch", None) => match req.method {
             Method::Post => batch::batch(req, ctx.max_batch_ops),
             _ => Err(Error::MethodNotAllowed { allow: "POST" }),
+        },
+        ("metrics", None) => match req.method {
+            Method::Get | Method::Head => admin::metrics(ctx).map(Answer::from),
+            _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("changes", None) => match req.method {
             Method::Get | Method::Head => changes::changes(req, ctx),
@@ -455,6 +463,7 @@ pub(super) mod tests {
         _dir: tempfile::TempDir,
         pool: Pool,
         watch: std::sync::Arc<Watch>,
+        metrics: std::sync::Arc<Metrics>,
         writer: Option<Writer>,
         submitter: Option<Submitter>,
     }
@@ -467,11 +476,13 @@ pub(super) mod tests {
             w.migrate().unwrap();
             let watch = std::sync::Arc::new(Watch::new(0, 4));
             let retention = std::time::Duration::from_secs(3600);
-            let writer = Writer::start(w, watch.clone(), retention).unwrap();
+            let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+            let writer = Writer::start(w, watch.clone(), metrics.clone(), retention).unwrap();
             let submitter = writer.submitter();
             Harness {
                 pool: Pool::open(&path, Sync::Normal, 2).unwrap(),
                 watch,
+                metrics,
                 _dir: dir,
                 writer: Some(writer),
                 submitter: Some(submitter),
@@ -514,6 +525,7 @@ pub(super) mod tests {
             let ctx = Ctx {
                 pool: &self.pool,
                 watch: &self.watch,
+                metrics: &self.metrics,
                 max_batch_ops: 5,
             };
             match handle(req, &ctx)? {

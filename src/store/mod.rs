@@ -80,6 +80,29 @@ impl Store {
         Ok(store)
     }
 
+    /// Sizes and counts for the metrics, from one snapshot.
+    pub fn stats(&self) -> Result<Stats, rusqlite::Error> {
+        self.snapshot(|s| {
+            let file = |suffix: &str| -> u64 {
+                s.conn
+                    .path()
+                    .and_then(|p| std::fs::metadata(format!("{p}{suffix}")).ok())
+                    .map_or(0, |m| m.len())
+            };
+            Ok(Stats {
+                objects: s.object_count()?,
+                collections: s.conn.query_row(
+                    "SELECT count(*) FROM collections WHERE count > 0",
+                    [],
+                    |row| row.get::<_, i64>(0).map(count),
+                )?,
+                database_bytes: file(""),
+                wal_bytes: file("-wal"),
+                revision: s.revision()?,
+            })
+        })
+    }
+
     /// Checks the connection can read the schema (for `/health`).
     pub fn ping(&self) -> Result<(), rusqlite::Error> {
         self.conn
@@ -125,6 +148,15 @@ impl Store {
     pub fn is_autocommit(&self) -> bool {
         self.conn.is_autocommit()
     }
+}
+
+/// What `/metrics` reports of the store.
+pub struct Stats {
+    pub objects: u64,
+    pub collections: u64,
+    pub database_bytes: u64,
+    pub wal_bytes: u64,
+    pub revision: u64,
 }
 
 /// A fixed set of read connections shared by the connection threads: a request takes one for as
