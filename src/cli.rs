@@ -1,11 +1,15 @@
 //! Subcommands that do one job and exit instead of serving: `kv token new` and `kv token hash`,
-//! so that nobody needs another tool to manage the tokens file.
+//! so that nobody needs another tool to manage the tokens file, and `kv backup` / `kv restore`.
 //!
 //! The work takes its input and output as parameters, so the tests run it without a process.
 
 use std::io::{self, Read, Write};
 
+use std::path::PathBuf;
+
 use crate::auth;
+use crate::config::DB_FILE;
+use crate::store;
 
 /// Most bytes `kv token hash` reads from stdin; a token is far shorter, so more is a mistake.
 const MAX_TOKEN_INPUT_BYTES: u64 = 64 * 1024;
@@ -204,4 +208,80 @@ mod tests {
                 .contains("no token")
         );
     }
+}
+
+/// `kv backup` or `kv restore`, on the database in `db_path`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Copy {
+    /// `kv backup --out FILE [--db-path DIR]`
+    Backup { out: PathBuf, db_path: PathBuf },
+    /// `kv restore --from FILE [--db-path DIR]`
+    Restore { from: PathBuf, db_path: PathBuf },
+}
+
+/// Parses the arguments after `kv backup` (`restore: false`) or `kv restore`; `db_path` is
+/// `DB_PATH` or the default.
+pub fn parse_copy(restore: bool, args: &[String], db_path: PathBuf) -> Result<Copy, String> {
+    let (verb, file_flag) = if restore {
+        ("restore", "--from")
+    } else {
+        ("backup", "--out")
+    };
+    let usage = format!("usage: kv {verb} {file_flag} FILE [--db-path DIR]");
+    let (mut file, mut dir) = (None, db_path);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_string())),
+            None => (arg.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| rest.next().cloned())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("{flag} needs a value ({usage})"))
+        };
+        match flag {
+            f if f == file_flag => file = Some(PathBuf::from(value()?)),
+            "--db-path" => dir = PathBuf::from(value()?),
+            _ => return Err(format!("unknown argument '{arg}' ({usage})")),
+        }
+    }
+    let file = file.ok_or_else(|| format!("kv {verb} needs {file_flag} FILE ({usage})"))?;
+    Ok(if restore {
+        Copy::Restore {
+            from: file,
+            db_path: dir,
+        }
+    } else {
+        Copy::Backup {
+            out: file,
+            db_path: dir,
+        }
+    })
+}
+
+/// Runs `kv backup` or `kv restore`, saying on stdout what it did.
+pub fn copy(command: &Copy) -> Result<(), String> {
+    match command {
+        Copy::Backup { out, db_path } => {
+            let bytes = store::backup::backup(&db_path.join(DB_FILE), out)?;
+            println!(
+                "wrote a backup of {} to {} ({bytes} bytes)",
+                db_path.display(),
+                out.display()
+            );
+        }
+        Copy::Restore { from, db_path } => {
+            let aside = store::backup::restore(&db_path.join(DB_FILE), from)?;
+            println!(
+                "restored {} into {}; the database it replaced (if any) is {}",
+                from.display(),
+                db_path.display(),
+                aside.display()
+            );
+        }
+    }
+    Ok(())
 }

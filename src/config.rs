@@ -15,6 +15,8 @@ pub const DEFAULT_PORT: u16 = 3300;
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 /// Default data directory.
 pub const DEFAULT_DB_PATH: &str = "./data";
+/// The database file's name inside the data directory.
+pub const DB_FILE: &str = "kv.sqlite3";
 /// Default request body limit (16 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// SQLite cannot store a value over 1,000,000,000 bytes, so no body may be larger.
@@ -71,6 +73,8 @@ pub enum Command {
     Run(Config),
     /// `kv token ...`: manage bearer tokens, then exit.
     Token(cli::Token),
+    /// `kv backup ...` or `kv restore ...`: copy a database, then exit.
+    Copy(cli::Copy),
     Help,
     Version,
 }
@@ -82,6 +86,8 @@ kv: a small, durable key-value store with an HTTP/JSON API
 Usage: kv [--port PORT] [--host HOST] [--db-path DIR] [--tokens-file FILE]
        kv token new [--name NAME]
        kv token hash < TOKEN
+       kv backup --out FILE [--db-path DIR]     a consistent copy, also while kv runs
+       kv restore --from FILE [--db-path DIR]   checks FILE, moves the database aside, puts FILE in place
        kv --help | --version
 
 Options (override the environment):
@@ -116,8 +122,13 @@ impl Config {
     /// Parses the environment (looked up through `env`) and the arguments after the program name.
     pub fn parse(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<Command, String> {
         if let Some((first, rest)) = args.split_first() {
-            if first == "token" {
-                return cli::parse_token(rest).map(Command::Token);
+            let db_path =
+                || env("DB_PATH").map_or_else(|| PathBuf::from(DEFAULT_DB_PATH), PathBuf::from);
+            match first.as_str() {
+                "token" => return cli::parse_token(rest).map(Command::Token),
+                "backup" => return cli::parse_copy(false, rest, db_path()).map(Command::Copy),
+                "restore" => return cli::parse_copy(true, rest, db_path()).map(Command::Copy),
+                _ => {}
             }
         }
         let mut port = env("PORT");
@@ -226,7 +237,7 @@ impl Config {
 
     /// The SQLite file inside the data directory.
     pub fn db_file(&self) -> PathBuf {
-        self.db_path.join("kv.sqlite3")
+        self.db_path.join(DB_FILE)
     }
 }
 

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     let config = match Config::from_process(&args) {
         Ok(Command::Run(config)) => config,
         Ok(Command::Token(token)) => return exit(cli::token(&token)),
+        Ok(Command::Copy(copy)) => return exit(cli::copy(&copy)),
         Ok(Command::Help) => return print(config::HELP),
         Ok(Command::Version) => return print(&format!("kv {}\n", env!("CARGO_PKG_VERSION"))),
         Err(e) => return fail(&e),
@@ -38,6 +39,8 @@ fn run(config: &Config) -> Result<(), String> {
     // First, before any thread starts: every later thread must inherit SIGHUP blocked (see auth.rs).
     auth::reload_on_sighup(&auth)?;
     let store = store::Store::open_and_migrate(&config.db_file(), config.sync)?;
+    // Held until exit: `kv restore` refuses to replace the database of a running kv.
+    let _lock = store::backup::DirLock::acquire(&config.db_path)?;
     let rev = store
         .revision()
         .map_err(|e| format!("cannot read the revision: {e}"))?;

@@ -162,3 +162,117 @@ fn promtool_accepts_the_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn an_online_backup_restores_into_a_fresh_kv_with_exactly_its_data() {
+    let (dir, s) = server();
+    s.put("/objects?collection=a", r#"{"key":"k1","value":{"n":1}}"#);
+    s.put("/objects?collection=b", r#"{"key":"ü","value":[1,"x"]}"#);
+    // Over HTTP, while kv runs.
+    let resp = s.get("/admin/backup");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-type"), Some("application/vnd.sqlite3"));
+    let disposition = resp.header("content-disposition").unwrap();
+    assert!(
+        disposition.starts_with("attachment; filename=\"kv-"),
+        "{disposition}"
+    );
+    assert!(resp.body.starts_with(b"SQLite format 3\0"));
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "the temporary copy is deleted");
+    let http_copy = dir.path().join("http-copy.sqlite3");
+    std::fs::write(&http_copy, &resp.body).unwrap();
+    // From the command line, against the directory of the running kv.
+    let cli_copy = dir.path().join("cli-copy.sqlite3");
+    let db = dir.path().to_str().unwrap();
+    let (status, stdout, stderr) = common::run_to_exit(
+        &[],
+        &[
+            "backup",
+            "--out",
+            cli_copy.to_str().unwrap(),
+            "--db-path",
+            db,
+        ],
+    );
+    assert!(status.success(), "{stdout}{stderr}");
+    // A restore refuses while that kv runs, and changes nothing.
+    let (status, _, stderr) = common::run_to_exit(
+        &[],
+        &[
+            "restore",
+            "--from",
+            cli_copy.to_str().unwrap(),
+            "--db-path",
+            db,
+        ],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("another kv is running"), "{stderr}");
+    for copy in [&http_copy, &cli_copy] {
+        let fresh = tempfile::tempdir().unwrap();
+        let target = fresh.path().to_str().unwrap();
+        let (status, stdout, stderr) = common::run_to_exit(
+            &[("DB_PATH", target)],
+            &["restore", "--from", copy.to_str().unwrap()],
+        );
+        assert!(status.success(), "{stdout}{stderr}");
+        let restored = TestServer::start(fresh.path());
+        assert_eq!(
+            restored.get("/objects/k1?collection=a").json()["value"],
+            json!({"n": 1})
+        );
+        assert_eq!(
+            restored.get("/objects/%C3%BC?collection=b").json()["value"],
+            json!([1, "x"])
+        );
+        assert_eq!(restored.get("/changes").json()["last_rev"], 2);
+    }
+}
+
+#[test]
+fn restore_keeps_the_database_it_replaces_and_refuses_junk() {
+    let (dir, s) = server();
+    s.put("/objects", r#"{"key":"old","value":1}"#);
+    let copy = dir.path().join("copy.sqlite3");
+    std::fs::write(&copy, s.get("/admin/backup").body).unwrap();
+    s.put("/objects", r#"{"key":"new","value":2}"#);
+    drop(s);
+    let db = dir.path().to_str().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"not a database at all, just some bytes").unwrap();
+    let (status, _, stderr) = common::run_to_exit(
+        &[],
+        &["restore", "--from", junk.to_str().unwrap(), "--db-path", db],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("not a sound kv database"), "{stderr}");
+    let (status, stdout, stderr) = common::run_to_exit(
+        &[],
+        &["restore", "--from", copy.to_str().unwrap(), "--db-path", db],
+    );
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(dir.path().join("kv.sqlite3.before-restore").exists());
+    let s = TestServer::start(dir.path());
+    assert_eq!(s.get("/objects/old").status, 200);
+    assert_eq!(
+        s.get("/objects/new").status,
+        404,
+        "exactly the backup's data"
+    );
+}
+
+#[test]
+fn a_second_kv_on_the_same_directory_is_refused() {
+    let (dir, _s) = server();
+    let (status, _, stderr) = common::run_to_exit(
+        &[("PORT", "0"), ("DB_PATH", dir.path().to_str().unwrap())],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("another kv is running"), "{stderr}");
+}

@@ -195,6 +195,10 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
             Method::Post => batch::batch(req, ctx.max_batch_ops),
             _ => Err(Error::MethodNotAllowed { allow: "POST" }),
         },
+        ("admin", Some("backup")) => match req.method {
+            Method::Get => admin::backup(ctx),
+            _ => Err(Error::MethodNotAllowed { allow: "GET" }),
+        },
         ("metrics", None) => match req.method {
             Method::Get | Method::Head => admin::metrics(ctx).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),

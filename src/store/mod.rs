@@ -6,6 +6,7 @@
 //! writer, so reads never queue behind writes); the writer thread owns the only one that writes.
 //! Values are stored as the JSON text the client sent and handed back as that text.
 
+pub mod backup;
 mod changes;
 mod objects;
 mod schema;
