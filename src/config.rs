@@ -25,6 +25,8 @@ pub const MAX_MAX_BODY_BYTES: usize = 1_000_000_000;
 pub const DEFAULT_WORKERS_PER_CPU: usize = 2;
 /// Default idle/stalled socket timeout.
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
+/// Default largest `POST /import` body (1 GiB); it is spooled to disk, never held in memory.
+pub const DEFAULT_MAX_IMPORT_BYTES: u64 = 1024 * 1024 * 1024;
 /// Default maximum number of ops in one `POST /batch`.
 pub const DEFAULT_MAX_BATCH_OPS: usize = 1000;
 /// Default time the change feed remembers deletions (7 days).
@@ -61,6 +63,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub io_timeout_secs: u64,
     pub max_batch_ops: usize,
+    pub max_import_bytes: u64,
     pub changes_retention_secs: u64,
     pub max_waiters: usize,
     /// Bearer tokens and their rights; `None`: access is open.
@@ -113,6 +116,7 @@ Environment:
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
   KV_MAX_BATCH_OPS     most ops in one POST /batch (default 1000); more gets 413
+  KV_MAX_IMPORT_BYTES  largest POST /import body in bytes (default 1073741824); larger gets 413
   KV_CHANGES_RETENTION_SECS  how long GET /changes remembers deletions (default 604800, 7 days)
   KV_MAX_WAITERS       most long-polls and event streams of GET /changes at once (default 1024)
   RUST_LOG             log filter: error, warn, info (default), debug (one line per request)
@@ -201,6 +205,13 @@ impl Config {
                 DEFAULT_MAX_BATCH_OPS,
                 1,
                 1_000_000,
+            )?,
+            max_import_bytes: parse_number(
+                "KV_MAX_IMPORT_BYTES",
+                env("KV_MAX_IMPORT_BYTES"),
+                DEFAULT_MAX_IMPORT_BYTES,
+                1,
+                u64::MAX / 2,
             )?,
             changes_retention_secs: parse_number(
                 "KV_CHANGES_RETENTION_SECS",
@@ -425,6 +436,7 @@ mod tests {
             "KV_MAX_BODY_BYTES",
             "KV_IO_TIMEOUT_SECS",
             "KV_MAX_BATCH_OPS",
+            "KV_MAX_IMPORT_BYTES",
             "KV_CHANGES_RETENTION_SECS",
             "KV_MAX_WAITERS",
             "KV_TOKENS_FILE",

@@ -19,6 +19,8 @@ pub enum Error {
     Unauthorized,
     /// 403: a known token without the right this request needs; `message` says which right.
     Forbidden { message: String },
+    /// 400: line `line` (from 1) of an NDJSON import is not an object kv can store.
+    InvalidLine { line: usize, message: String },
     /// 404: no such object, collection or route.
     NotFound { code: &'static str, message: String },
     /// 405: the path exists but not with this method; `allow` lists the methods it takes.
@@ -99,7 +101,7 @@ impl Error {
     /// The HTTP status code for this error.
     pub fn status(&self) -> u16 {
         match self {
-            Error::BadRequest { .. } => 400,
+            Error::BadRequest { .. } | Error::InvalidLine { .. } => 400,
             Error::Unauthorized => 401,
             Error::Forbidden { .. } => 403,
             Error::NotFound { .. } => 404,
@@ -124,6 +126,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::Timeout => "request_timeout",
             Error::Compacted { .. } => "changes_compacted",
+            Error::InvalidLine { .. } => "invalid_line",
             Error::PreconditionFailed { .. } => "precondition_failed",
             Error::Storage(_) | Error::Internal(_) => "internal_error",
             Error::Unavailable(_) => "unavailable",
@@ -147,6 +150,7 @@ impl Error {
             Error::BadRequest { message, .. }
             | Error::NotFound { message, .. }
             | Error::TooLarge { message, .. } => message.clone(),
+            Error::InvalidLine { line, message } => format!("line {line}: {message}"),
             Error::Unauthorized => "a valid bearer token is required".into(),
             Error::Forbidden { message } => message.clone(),
             Error::MethodNotAllowed { .. } => "method not allowed on this path".into(),
@@ -184,6 +188,7 @@ impl Error {
                 body["current_rev"] = (*current_rev).into();
             }
             Error::Compacted { oldest_rev } => body["oldest_rev"] = (*oldest_rev).into(),
+            Error::InvalidLine { line, .. } => body["line"] = (*line).into(),
             _ => {}
         }
         body.to_string()

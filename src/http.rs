@@ -16,9 +16,12 @@
 //! the writer and back) and a read none, where a queue of workers cost four and two; and a request
 //! that waits (for a commit, for changes, for a slow client) holds its own thread and nothing else.
 
+use std::cell::RefCell;
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,6 +35,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{self, Metrics};
 use crate::store::Pool;
+use crate::store::backup::TempFile;
 use crate::watch::Watch;
 use crate::writer::{Submitter, Writer};
 
@@ -71,6 +75,9 @@ struct Shared {
     submitter: Submitter,
     max_body_bytes: usize,
     max_batch_ops: usize,
+    max_import_bytes: u64,
+    /// Where uploads too large for memory are spooled (the data directory).
+    spool_dir: PathBuf,
     stopping: AtomicBool,
     /// Requests received and not yet answered; a stop waits for it to reach zero.
     in_flight: AtomicUsize,
@@ -173,6 +180,8 @@ pub fn serve(
         submitter: writer.submitter(),
         max_body_bytes: config.max_body_bytes,
         max_batch_ops: config.max_batch_ops,
+        max_import_bytes: config.max_import_bytes,
+        spool_dir: config.db_path.clone(),
         stopping: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
     });
@@ -316,7 +325,14 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
         tiny_http::Method::Delete => Method::Delete,
         _ => Method::Other,
     };
-    let body = if matches!(method, Method::Put | Method::Post) {
+    let import = method == Method::Post && request.url().split('?').next() == Some("/import");
+    let mut upload = None;
+    let body = if import {
+        spool_body(&mut request, shared.max_import_bytes, &shared.spool_dir).map(|file| {
+            upload = Some(file);
+            Vec::new()
+        })
+    } else if matches!(method, Method::Put | Method::Post) {
         read_body(&mut request, shared.max_body_bytes)
     } else {
         Ok(Vec::new())
@@ -343,6 +359,7 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
             query,
             headers,
             body,
+            upload: RefCell::new(upload),
         };
         catch_unwind(AssertUnwindSafe(|| api::handle(&req, &ctx)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
@@ -410,8 +427,9 @@ fn send(
         metrics::method_of(request.method().as_str()),
         metrics::route_of(path),
     );
-    let sent = request.respond(response);
+    // Counted before sending, so a client that reads /metrics after its answer sees it counted.
     metrics.request(method, route, status, started.elapsed());
+    let sent = request.respond(response);
     if let Some(line) = line {
         match sent {
             Ok(()) => log::debug!("{line} {:.1?}", started.elapsed()),
@@ -479,6 +497,35 @@ impl Write for Chunked<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
     }
+}
+
+/// Writes the body to a temporary file in `dir`, refusing (413) one over `limit` bytes, from
+/// Content-Length before reading anything and for a chunked body once it passes the limit.
+fn spool_body(request: &mut tiny_http::Request, limit: u64, dir: &Path) -> Result<TempFile, Error> {
+    let too_large = || Error::TooLarge {
+        code: "body_too_large",
+        message: format!(
+            "the import is larger than the limit of {limit} bytes (KV_MAX_IMPORT_BYTES)"
+        ),
+    };
+    if request.body_length().is_some_and(|n| n as u64 > limit) {
+        return Err(too_large());
+    }
+    let spool = TempFile::new_in(dir, "kv-import");
+    let cannot = |e: std::io::Error| Error::Internal(format!("cannot spool the import: {e}"));
+    let mut file = std::io::BufWriter::new(File::create(spool.path()).map_err(cannot)?);
+    let copied =
+        std::io::copy(&mut request.as_reader().take(limit + 1), &mut file).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => Error::Timeout,
+            _ => Error::bad_request("invalid_body", format!("cannot read the request body: {e}")),
+        })?;
+    if copied > limit {
+        return Err(too_large());
+    }
+    file.flush().map_err(cannot)?;
+    Ok(spool)
 }
 
 /// Reads the body, refusing (413) one over the limit: from Content-Length before reading anything,

@@ -89,7 +89,7 @@ impl Metrics {
         let latency = HistogramVec::new(
             HistogramOpts::new(
                 "kv_http_request_duration_seconds",
-                "Time from a request's arrival to its answer being written",
+                "Time from a request's arrival to its answer being ready to send",
             )
             .buckets(vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,

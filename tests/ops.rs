@@ -276,3 +276,139 @@ fn a_second_kv_on_the_same_directory_is_refused() {
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("another kv is running"), "{stderr}");
 }
+
+#[test]
+fn an_export_imports_into_an_empty_kv_as_identical_data() {
+    let (_dir, s) = server();
+    let odd_keys = [
+        "plain",
+        "with space",
+        "ü 日本 🎉",
+        "a/b?c=d&e",
+        "quote\"back\\slash",
+        ".",
+    ];
+    let values = [
+        json!(null),
+        json!(true),
+        json!(1.25e-7),
+        json!(9007199254740993u64),
+        json!("text"),
+        json!({"deep": [[{"a": []}]], "n": -1}),
+    ];
+    let mut ops = Vec::new();
+    for (i, key) in odd_keys.iter().enumerate() {
+        let collection = ["a", "b:c", "ü"][i % 3];
+        ops.push(json!({"op": "put", "key": key, "value": values[i], "collection": collection}));
+    }
+    let batch = json!({"ops": ops}).to_string();
+    assert_eq!(
+        s.request("POST", "/batch", Some(batch.as_bytes())).status,
+        200
+    );
+    s.put(
+        "/objects?collection=ttl",
+        r#"{"key":"t","value":1,"ttl":3600}"#,
+    );
+    let export = s.get("/export");
+    assert_eq!(export.status, 200);
+    assert_eq!(export.header("content-type"), Some("application/x-ndjson"));
+    let text = String::from_utf8(export.body.clone()).unwrap();
+    assert_eq!(text.lines().count(), 7);
+    let ttl_line: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["collection"] == "ttl")
+        .unwrap();
+    assert!(ttl_line["expires_at"].as_i64().is_some(), "{ttl_line}");
+    let one = s.get("/export?collection=b%3Ac");
+    assert_eq!(String::from_utf8(one.body).unwrap().lines().count(), 2);
+
+    let (_dir2, fresh) = server();
+    let resp = fresh.request("POST", "/import", Some(&export.body));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.json(), json!({"imported": 7}));
+    assert_eq!(fresh.get("/export").body, export.body, "identical data");
+    for c in ["a", "b%3Ac", "%C3%BC"] {
+        assert_eq!(
+            fresh.get(&format!("/objects?collection={c}")).body,
+            s.get(&format!("/objects?collection={c}")).body,
+            "exact value text"
+        );
+    }
+}
+
+#[test]
+fn a_bad_line_names_itself_and_nothing_is_imported() {
+    let (_dir, s) = server();
+    s.put("/objects?collection=c", r#"{"key":"keep","value":1}"#);
+    let body = "{\"collection\":\"c\",\"key\":\"a\",\"value\":1}\n\n   \n{\"collection\":\"c\",\"key\":\"b\"}\n";
+    let resp = s.request("POST", "/import", Some(body.as_bytes()));
+    assert_eq!(resp.status, 400);
+    assert_eq!(
+        (resp.json()["code"].clone(), resp.json()["line"].clone()),
+        (json!("invalid_line"), json!(4))
+    );
+    for (body, line) in [
+        ("[1]\n", 1),
+        ("{\"key\":\"\",\"value\":1}\n", 1),
+        ("{\"key\":\"k\",\"value\":1,\"collection\":7}\n", 1),
+        ("{\"key\":\"k\",\"value\":1}\nnot json\n", 2),
+        ("{\"key\":\"k\",\"value\":1,\"expires_at\":\"soon\"}\n", 1),
+    ] {
+        let resp = s.request("POST", "/import", Some(body.as_bytes()));
+        assert_eq!(
+            (
+                resp.status,
+                resp.json()["code"].clone(),
+                resp.json()["line"].clone()
+            ),
+            (400, json!("invalid_line"), json!(line)),
+            "{body:?}"
+        );
+    }
+    assert_eq!(
+        s.get("/objects/a?collection=c").status,
+        404,
+        "nothing applied"
+    );
+    assert_eq!(s.get("/objects/k").status, 404);
+    // Blank lines are skipped; mode=replace empties the collections the file names first.
+    s.put("/objects?collection=other", r#"{"key":"stays","value":1}"#);
+    let body = "\n{\"collection\":\"c\",\"key\":\"new\",\"value\":2}\n\n";
+    let resp = s.request("POST", "/import?mode=replace", Some(body.as_bytes()));
+    assert_eq!(resp.json(), json!({"imported": 1}));
+    assert_eq!(s.get("/objects/keep?collection=c").status, 404, "replaced");
+    assert_eq!(s.get("/objects/new?collection=c").json()["value"], 2);
+    assert_eq!(s.get("/objects/stays?collection=other").status, 200);
+    let resp = s.request("POST", "/import?mode=upsert", Some(b"\n"));
+    assert_eq!(resp.json()["code"], "invalid_mode");
+}
+
+#[test]
+fn an_import_over_its_own_limit_is_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_with(
+        dir.path(),
+        &[("KV_MAX_IMPORT_BYTES", "100"), ("KV_MAX_BODY_BYTES", "20")],
+    );
+    let line = "{\"key\":\"k\",\"value\":\"0123456789\"}\n";
+    assert_eq!(
+        s.request("POST", "/import", Some(line.as_bytes())).status,
+        200,
+        "not held to KV_MAX_BODY_BYTES"
+    );
+    let big = line.repeat(4);
+    let resp = s.request("POST", "/import", Some(big.as_bytes()));
+    assert_eq!(
+        (resp.status, resp.json()["code"].clone()),
+        (413, json!("body_too_large"))
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp"))
+    );
+}

@@ -1,12 +1,19 @@
-//! Operating kv: `GET /metrics` (Prometheus), and the routes that move whole databases.
+//! Operating kv: `GET /metrics` (Prometheus), and the routes that move whole databases: the
+//! online backup, and NDJSON export and import.
 
+use std::collections::BTreeSet;
 use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{Answer, Ctx, Resp, Stream};
+use super::{Answer, Ctx, Name, Req, Resp, Stream, param, push_json_string};
 use crate::error::Error;
 use crate::metrics::{CONTENT_TYPE, Snapshot};
 use crate::store::backup::TempFile;
+use crate::writer::{ImportLine, Op, Outcome};
+
+/// Bytes of an export gathered before each write to the socket (one chunk each).
+const EXPORT_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The Prometheus exposition, with the store's gauges read now.
 pub(super) fn metrics(ctx: &Ctx<'_>) -> Result<Resp, Error> {
@@ -50,6 +57,132 @@ pub(super) fn backup<'a>(ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> {
             std::io::copy(&mut &file, out).map(|_| ())
         }),
     }))
+}
+
+/// `GET /export[?collection=C]`: every live object (of C, or of all), one NDJSON line each, from
+/// one read snapshot on a connection of its own, written as it is read.
+pub(super) fn export<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> {
+    let collection = match param(req.query, "collection", "invalid_collection")? {
+        Some(name) if !name.is_empty() => Some(Name::Collection.check(name)?),
+        _ => None,
+    };
+    let store = ctx.pool.dedicated()?;
+    Ok(Answer::Stream(Stream {
+        content_type: "application/x-ndjson",
+        headers: Vec::new(),
+        body: Box::new(move |out| {
+            let mut out = BufWriter::with_capacity(EXPORT_BUFFER_BYTES, out);
+            let mut line = String::new();
+            let mut failed = Ok(());
+            let exported = store.snapshot(|s| {
+                s.export(
+                    collection.as_deref(),
+                    |collection, key, value, expires_at| {
+                        line.clear();
+                        line.push_str(r#"{"collection":"#);
+                        push_json_string(&mut line, collection);
+                        line.push_str(r#","key":"#);
+                        push_json_string(&mut line, key);
+                        line.push_str(r#","value":"#);
+                        line.push_str(value);
+                        if let Some(ms) = expires_at {
+                            line.push_str(&format!(
+                                r#","expires_at":{}"#,
+                                (ms + 999).div_euclid(1000)
+                            ));
+                        }
+                        line.push_str("}\n");
+                        failed = out.write_all(line.as_bytes());
+                        failed.is_ok()
+                    },
+                )
+            });
+            failed?;
+            if let Err(e) = exported {
+                // The 200 is on its way: breaking the chunked body is how the client learns.
+                log::error!("GET /export: {e}");
+                return Err(std::io::Error::other(e));
+            }
+            out.flush()
+        }),
+    }))
+}
+
+/// `POST /import[?mode=replace]`: the body (spooled to a file by the HTTP layer) is checked line
+/// by line here, so a bad line is a 400 naming it and nothing is applied; then the writer stores
+/// every object in one transaction (after emptying the collections the file names, with
+/// `mode=replace`).
+pub(super) fn import(req: &Req<'_>) -> Result<Answer<'static>, Error> {
+    let replace = match param(req.query, "mode", "invalid_mode")?.as_deref() {
+        None | Some("merge") => false,
+        Some("replace") => true,
+        Some(other) => {
+            return Err(Error::bad_request(
+                "invalid_mode",
+                format!("mode must be merge or replace, not {other:?}"),
+            ));
+        }
+    };
+    let upload = req
+        .upload
+        .borrow_mut()
+        .take()
+        .ok_or_else(|| Error::Internal("the import body was not spooled".into()))?;
+    let unreadable = |e: std::io::Error| Error::Internal(format!("cannot read the import: {e}"));
+    let file = File::open(upload.path()).map_err(unreadable)?;
+    let mut collections = BTreeSet::new();
+    let mut reader = BufReader::new(file);
+    let mut raw = Vec::new();
+    let mut number = 0;
+    loop {
+        raw.clear();
+        if reader.read_until(b'\n', &mut raw).map_err(unreadable)? == 0 {
+            break;
+        }
+        number += 1;
+        let bad = |message: String| Error::InvalidLine {
+            line: number,
+            message,
+        };
+        let line = std::str::from_utf8(&raw).map_err(|_| bad("not valid UTF-8".into()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        collections.insert(check_line(line).map_err(bad)?);
+    }
+    let replace = if replace {
+        collections.into_iter().collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Answer::AfterCommit(
+        Op::Import { upload, replace },
+        Box::new(|outcome| match outcome {
+            Outcome::Imported(n) => Ok(Resp::ok(format!(r#"{{"imported":{n}}}"#))),
+            other => Err(super::objects::unexpected(&other)),
+        }),
+    ))
+}
+
+/// Checks one import line: a JSON object with a valid `key`, a `value`, and optionally a valid
+/// `collection` and `expires_at`; returns its collection.
+fn check_line(line: &str) -> Result<String, String> {
+    if !line.trim_start().starts_with('{') {
+        return Err("not a JSON object".into());
+    }
+    let item: ImportLine<'_> = serde_json::from_str(line).map_err(|e| {
+        format!("not an object with \"key\" and \"value\" (and optionally \"collection\", \"expires_at\"): {e}")
+    })?;
+    let message = |e: Error| match e {
+        Error::BadRequest { message, .. } => message,
+        other => other.to_string(),
+    };
+    Name::Key.check(item.key.into_owned()).map_err(message)?;
+    match item.collection {
+        None => Ok(crate::store::DEFAULT_COLLECTION.to_string()),
+        Some(name) if name.is_empty() => Ok(crate::store::DEFAULT_COLLECTION.to_string()),
+        Some(name) => Name::Collection.check(name.into_owned()).map_err(message),
+    }
 }
 
 fn unix_secs() -> i64 {

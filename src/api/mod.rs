@@ -18,6 +18,7 @@ mod list;
 mod objects;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::io::Write;
 
 use serde::Deserialize;
@@ -25,6 +26,7 @@ use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::store::backup::TempFile;
 use crate::store::{Pool, Store};
 use crate::watch::Watch;
 use crate::writer::{Op, Outcome};
@@ -33,8 +35,7 @@ use crate::writer::{Op, Outcome};
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Longest collection name, in bytes of UTF-8.
 pub const MAX_COLLECTION_BYTES: usize = 256;
-/// The collection used when a request names none.
-pub const DEFAULT_COLLECTION: &str = "default";
+pub use crate::store::DEFAULT_COLLECTION;
 /// The request headers kv reads, lower-case; the HTTP layer hands over only these.
 pub const HEADERS: [&str; 4] = ["if-match", "if-none-match", "accept", "last-event-id"];
 
@@ -49,8 +50,9 @@ pub enum Method {
     Other,
 }
 
-/// A request as the API sees it: the path and query still percent-encoded, the body already read,
-/// and those of its headers named in `HEADERS` (name lower-case).
+/// A request as the API sees it: the path and query still percent-encoded, the body already read
+/// (or, for `POST /import`, spooled to a file), and those of its headers named in `HEADERS`
+/// (name lower-case).
 #[derive(Debug)]
 pub struct Req<'a> {
     pub method: Method,
@@ -58,6 +60,8 @@ pub struct Req<'a> {
     pub query: &'a str,
     pub headers: Vec<(&'static str, &'a str)>,
     pub body: Vec<u8>,
+    /// The body of an upload too large to hold in memory; a handler may take it.
+    pub upload: RefCell<Option<TempFile>>,
 }
 
 impl Req<'_> {
@@ -198,6 +202,14 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
         ("admin", Some("backup")) => match req.method {
             Method::Get => admin::backup(ctx),
             _ => Err(Error::MethodNotAllowed { allow: "GET" }),
+        },
+        ("export", None) => match req.method {
+            Method::Get | Method::Head => admin::export(req, ctx),
+            _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
+        },
+        ("import", None) => match req.method {
+            Method::Post => admin::import(req),
+            _ => Err(Error::MethodNotAllowed { allow: "POST" }),
         },
         ("metrics", None) => match req.method {
             Method::Get | Method::Head => admin::metrics(ctx).map(Answer::from),
@@ -513,6 +525,7 @@ pub(super) mod tests {
                 query,
                 headers: headers.to_vec(),
                 body: body.as_bytes().to_vec(),
+                upload: RefCell::new(None),
             };
             let json = |body: &str| match body {
                 "" => Value::Null,
@@ -729,6 +742,7 @@ pub(super) mod tests {
             query: "",
             headers: vec![],
             body: vec![],
+            upload: RefCell::new(None),
         };
         let resp = h.run(&req).unwrap();
         assert_eq!(resp.body, format!(r#"{{"key":"v","value":{value}}}"#));

@@ -45,6 +45,7 @@ impl DirLock {
 }
 
 /// A file that is deleted when this value is dropped.
+#[derive(Debug)]
 pub struct TempFile(PathBuf);
 
 impl TempFile {

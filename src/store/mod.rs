@@ -22,6 +22,9 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::config::Sync;
 
+/// The collection used when a request names none.
+pub const DEFAULT_COLLECTION: &str = "default";
+
 /// How long a connection waits for a lock before SQLite reports BUSY.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 

@@ -120,6 +120,38 @@ impl Store {
         Ok((n, false))
     }
 
+    /// Calls `each(collection, key, value, expires_at)` for every live object (of one collection,
+    /// or of all), ordered by collection and key, until it returns false; returns how many.
+    pub fn export(
+        &self,
+        collection: Option<&str>,
+        mut each: impl FnMut(&str, &str, &str, Option<i64>) -> bool,
+    ) -> Result<u64, rusqlite::Error> {
+        let sql = if collection.is_some() {
+            "SELECT collection, key, value, expires_at FROM kv WHERE collection = ?1
+             AND (expires_at IS NULL OR expires_at > ?2) ORDER BY collection, key"
+        } else {
+            "SELECT collection, key, value, expires_at FROM kv WHERE ?1 IS NULL
+             AND (expires_at IS NULL OR expires_at > ?2) ORDER BY collection, key"
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![collection, now_millis()])?;
+        let mut n = 0;
+        while let Some(row) = rows.next()? {
+            let go_on = each(
+                row.get_ref(0)?.as_str()?,
+                row.get_ref(1)?.as_str()?,
+                row.get_ref(2)?.as_str()?,
+                row.get(3)?,
+            );
+            n += 1;
+            if !go_on {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
     /// How many live objects a range holds (its limit aside): from the counts table when the
     /// range is the whole collection, else by counting the range.
     pub fn count_live(&self, collection: &str, range: Range<'_>) -> Result<u64, rusqlite::Error> {
