@@ -64,6 +64,8 @@ pub struct Config {
     pub io_timeout_secs: u64,
     pub max_batch_ops: usize,
     pub max_import_bytes: u64,
+    /// The storage quota; `None`: no limit.
+    pub max_db_bytes: Option<u64>,
     pub changes_retention_secs: u64,
     pub max_waiters: usize,
     /// Bearer tokens and their rights; `None`: access is open.
@@ -117,6 +119,7 @@ Environment:
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
   KV_MAX_BATCH_OPS     most ops in one POST /batch (default 1000); more gets 413
   KV_MAX_IMPORT_BYTES  largest POST /import body in bytes (default 1073741824); larger gets 413
+  KV_MAX_DB_BYTES      storage quota: database pages in use, in bytes (default: no limit); a write past it gets 507
   KV_CHANGES_RETENTION_SECS  how long GET /changes remembers deletions (default 604800, 7 days)
   KV_MAX_WAITERS       most long-polls and event streams of GET /changes at once (default 1024)
   RUST_LOG             log filter: error, warn, info (default), debug (one line per request)
@@ -213,6 +216,16 @@ impl Config {
                 1,
                 u64::MAX / 2,
             )?,
+            max_db_bytes: match env("KV_MAX_DB_BYTES") {
+                Some(raw) if !raw.trim().is_empty() => Some(parse_number(
+                    "KV_MAX_DB_BYTES",
+                    Some(raw),
+                    0,
+                    4096,
+                    u64::MAX / 2,
+                )?),
+                _ => None,
+            },
             changes_retention_secs: parse_number(
                 "KV_CHANGES_RETENTION_SECS",
                 env("KV_CHANGES_RETENTION_SECS"),
@@ -437,6 +450,7 @@ mod tests {
             "KV_IO_TIMEOUT_SECS",
             "KV_MAX_BATCH_OPS",
             "KV_MAX_IMPORT_BYTES",
+            "KV_MAX_DB_BYTES",
             "KV_CHANGES_RETENTION_SECS",
             "KV_MAX_WAITERS",
             "KV_TOKENS_FILE",

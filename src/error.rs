@@ -45,6 +45,10 @@ pub enum Error {
     Unavailable(String),
     /// 503: `KV_MAX_WAITERS` requests already wait for changes; sent with `Retry-After`.
     TooManyWaiters,
+    /// 507: the disk is full; writes that add data are refused until it has room (deletes go on).
+    StorageFull,
+    /// 507: the write would take the database past `KV_MAX_DB_BYTES`; deletes make room.
+    QuotaExceeded { max_bytes: u64 },
     /// 500: a bug (a handler panicked or a thread vanished); the cause is logged, never sent.
     Internal(String),
 }
@@ -112,6 +116,7 @@ impl Error {
             Error::TooLarge { .. } => 413,
             Error::Storage(_) | Error::Internal(_) => 500,
             Error::Unavailable(_) | Error::TooManyWaiters => 503,
+            Error::StorageFull | Error::QuotaExceeded { .. } => 507,
         }
     }
 
@@ -131,6 +136,8 @@ impl Error {
             Error::Storage(_) | Error::Internal(_) => "internal_error",
             Error::Unavailable(_) => "unavailable",
             Error::TooManyWaiters => "too_many_waiters",
+            Error::StorageFull => "storage_full",
+            Error::QuotaExceeded { .. } => "quota_exceeded",
         }
     }
 
@@ -139,6 +146,7 @@ impl Error {
         match self {
             Error::MethodNotAllowed { allow } => Some(("Allow", allow)),
             Error::TooManyWaiters => Some(("Retry-After", "1")),
+            Error::StorageFull => Some(("Retry-After", "5")),
             _ => None,
         }
     }
@@ -170,6 +178,13 @@ impl Error {
             Error::TooManyWaiters => {
                 "too many requests are waiting for changes; retry in a second".into()
             }
+            Error::StorageFull => {
+                "the disk is full; deletes still work, writes resume when it has room".into()
+            }
+            Error::QuotaExceeded { max_bytes } => format!(
+                "the write would take the database past its quota of {max_bytes} bytes \
+                 (KV_MAX_DB_BYTES); delete objects to make room"
+            ),
         };
         let mut body = serde_json::json!({ "error": message, "code": self.code() });
         match self {

@@ -34,6 +34,7 @@ use crate::api::{self, Answer, Ctx, Method, Req, Resp, Stream};
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{self, Metrics};
+use crate::space::Space;
 use crate::store::Pool;
 use crate::store::backup::TempFile;
 use crate::watch::Watch;
@@ -72,6 +73,7 @@ struct Shared {
     pool: Pool,
     watch: Arc<Watch>,
     metrics: Arc<Metrics>,
+    space: Arc<Space>,
     submitter: Submitter,
     max_body_bytes: usize,
     max_batch_ops: usize,
@@ -167,6 +169,7 @@ pub fn serve(
     writer: &Writer,
     watch: Arc<Watch>,
     metrics: Arc<Metrics>,
+    space: Arc<Space>,
     stops: Sender<Stop>,
 ) -> Result<Server, String> {
     let listener = listen(config)?;
@@ -177,6 +180,7 @@ pub fn serve(
         pool,
         watch,
         metrics,
+        space,
         submitter: writer.submitter(),
         max_body_bytes: config.max_body_bytes,
         max_batch_ops: config.max_batch_ops,
@@ -341,6 +345,8 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
         pool: &shared.pool,
         watch: &shared.watch,
         metrics: &shared.metrics,
+        space: &shared.space,
+        stopping: &shared.stopping,
         max_batch_ops: shared.max_batch_ops,
     };
     // A refused body is left unread; tiny_http reads and discards the rest when the request is

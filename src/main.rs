@@ -9,6 +9,7 @@ mod config;
 mod error;
 mod http;
 mod metrics;
+mod space;
 mod store;
 mod watch;
 mod writer;
@@ -48,15 +49,29 @@ fn run(config: &Config) -> Result<(), String> {
     let retention = Duration::from_secs(config.changes_retention_secs);
     let metrics =
         Arc::new(metrics::Metrics::new().map_err(|e| format!("cannot set up the metrics: {e}"))?);
-    let writer = writer::Writer::start(store, watch.clone(), metrics.clone(), retention)
-        .map_err(|e| format!("cannot start the writer: {e}"))?;
+    let used = store
+        .used_bytes()
+        .map_err(|e| format!("cannot read the database size: {e}"))?;
+    let space = Arc::new(space::Space::new(
+        &config.db_path,
+        used,
+        config.max_db_bytes,
+    ));
+    let writer = writer::Writer::start(
+        store,
+        watch.clone(),
+        metrics.clone(),
+        space.clone(),
+        retention,
+    )
+    .map_err(|e| format!("cannot start the writer: {e}"))?;
     let (stops, stop) = channel();
     let on_signal = stops.clone();
     ctrlc::set_handler(move || {
         let _ = on_signal.send(http::Stop::Signal);
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    let server = http::serve(config, &writer, watch, metrics, stops)?;
+    let server = http::serve(config, &writer, watch, metrics, space, stops)?;
     log::info!(
         "kv {} listening on http://{} (database {}, sync {}, {} read connections)",
         env!("CARGO_PKG_VERSION"),

@@ -32,6 +32,7 @@ use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::space::Space;
 use crate::store::backup::TempFile;
 use crate::store::{DEFAULT_COLLECTION, Store, now_millis};
 use crate::watch::Watch;
@@ -291,6 +292,7 @@ impl Writer {
         store: Store,
         watch: Arc<Watch>,
         metrics: Arc<Metrics>,
+        space: Arc<Space>,
         retention: Duration,
     ) -> std::io::Result<Writer> {
         let checkpoints = store
@@ -318,6 +320,7 @@ impl Writer {
             store,
             watch,
             metrics,
+            space: space.clone(),
             rev,
             stale: 0,
             compacting: None,
@@ -329,7 +332,10 @@ impl Writer {
         let sweeper = Periodic::start(
             "kv-expire",
             Duration::from_millis(EXPIRE_INTERVAL_MS),
-            move |stopping| sweep(&sweeps, stopping),
+            move |stopping| {
+                space.recover();
+                sweep(&sweeps, stopping)
+            },
         )?;
         let purges = submitter.clone();
         let purger = Periodic::start("kv-maintain", purge_interval(retention), move |stopping| {
@@ -506,6 +512,7 @@ struct Writing {
     store: Store,
     watch: Arc<Watch>,
     metrics: Arc<Metrics>,
+    space: Arc<Space>,
     /// The revision of the latest change applied (committed, or in the open transaction).
     rev: u64,
     /// Feed entries made stale since the last compaction (counted from this start on).
@@ -539,6 +546,7 @@ impl Writing {
                     Err(e @ Error::Storage(_)) => {
                         log::error!("write failed: {e}");
                         self.metrics.storage_error();
+                        let e = self.disk_full_is(e);
                         if !self.store.is_autocommit() {
                             let _ = self.store.control("ROLLBACK");
                         }
@@ -562,7 +570,17 @@ impl Writing {
                     let _ = self.store.control("ROLLBACK");
                 }
                 self.rev = start_rev;
+                if let Error::StorageFull = self.disk_full_is(Error::Storage(e)) {
+                    for job in group.drain(..) {
+                        (job.done)(Err(Error::StorageFull));
+                    }
+                    return;
+                }
                 return fail_all(group, "commit failed");
+            }
+            match self.store.used_bytes() {
+                Ok(bytes) => self.space.set_used(bytes),
+                Err(e) => log::warn!("cannot read the database size: {e}"),
             }
             let changed: Vec<String> = changed.into_iter().map(Cow::into_owned).collect();
             break (replies, changed);
@@ -579,7 +597,10 @@ impl Writing {
                 (None, Some(e)) => Err(e),
                 (None, None) => Err(Error::Internal("a write got no reply".into())),
             };
-            (job.done)(reply);
+            // The op goes first (an import's spooled file with it), then the writer hears back.
+            let Job { op, done, .. } = job;
+            drop(op);
+            done(reply);
         }
     }
 
@@ -612,6 +633,8 @@ impl Writing {
         replace: &'a [String],
         changed: &mut Vec<Cow<'a, str>>,
     ) -> Reply {
+        let size = std::fs::metadata(upload.path()).map_or(0, |m| m.len());
+        self.space.admit(size)?;
         for name in replace {
             let (count, stale) = self.store.delete_collection(name, self.rev + 1)?;
             if count > 0 {
@@ -658,6 +681,20 @@ impl Writing {
         self.rev
     }
 
+    /// SQLite's "database or disk is full" becomes `StorageFull` (and gives the reserve up);
+    /// any other error stays as it is.
+    fn disk_full_is(&self, e: Error) -> Error {
+        match &e {
+            Error::Storage(rusqlite::Error::SqliteFailure(failure, _))
+                if failure.code == rusqlite::ErrorCode::DiskFull =>
+            {
+                self.space.disk_full();
+                Error::StorageFull
+            }
+            _ => e,
+        }
+    }
+
     /// Fails with 412 unless `cond` holds for the object as it is now in the transaction.
     fn check(&self, collection: &str, key: &str, cond: &Cond) -> Result<(), Error> {
         if cond.is_empty() {
@@ -684,6 +721,7 @@ impl Writing {
                 cond,
                 ttl_secs,
             } => {
+                self.space.admit((key.len() + value.len()) as u64)?;
                 self.check(collection, key, cond)?;
                 let rev = self.next_rev();
                 let expires_at =
@@ -731,6 +769,14 @@ impl Writing {
                 Ok(Outcome::DeletedCollection { count, rev })
             }
             Op::Batch(ops) => {
+                let adds: usize = ops
+                    .iter()
+                    .filter(|op| matches!(op, Op::Put { .. }))
+                    .map(Op::bytes)
+                    .sum();
+                if adds > 0 {
+                    self.space.admit(adds as u64)?;
+                }
                 // A savepoint makes the batch all-or-nothing inside the group's transaction.
                 self.store.control("SAVEPOINT batch")?;
                 let start_rev = self.rev;
@@ -807,7 +853,9 @@ mod tests {
         let reader = Store::open(&path, Sync::Normal).unwrap();
         let watch = Arc::new(Watch::new(0, 4));
         let metrics = Arc::new(Metrics::new().unwrap());
-        let writer = Writer::start(store, watch, metrics, Duration::from_secs(3600)).unwrap();
+        let space = Arc::new(Space::new(dir.path(), 0, None));
+        let writer =
+            Writer::start(store, watch, metrics, space, Duration::from_secs(3600)).unwrap();
         (writer, reader)
     }
 

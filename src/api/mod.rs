@@ -20,12 +20,14 @@ mod objects;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::AtomicBool;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::space::Space;
 use crate::store::backup::TempFile;
 use crate::store::{Pool, Store};
 use crate::watch::Watch;
@@ -152,6 +154,9 @@ pub struct Ctx<'a> {
     pub pool: &'a Pool,
     pub watch: &'a Watch,
     pub metrics: &'a Metrics,
+    pub space: &'a Space,
+    /// Set once kv is stopping.
+    pub stopping: &'a AtomicBool,
     pub max_batch_ops: usize,
 }
 
@@ -168,6 +173,10 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
     match (first, rest) {
         ("health", None) => match req.method {
             Method::Get | Method::Head => health(&ctx.pool.get()).map(Answer::from),
+            _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
+        },
+        ("ready", None) => match req.method {
+            Method::Get | Method::Head => Ok(ready(ctx).into()),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("objects", None | Some("")) => match req.method {
@@ -223,6 +232,33 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
             "not_found",
             format!("no such path: {}", req.path),
         )),
+    }
+}
+
+/// `/ready`: 200 when kv can read and write, else 503 with the reason; both with the sizes.
+fn ready(ctx: &Ctx<'_>) -> Resp {
+    let space = ctx.space;
+    let reason = if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        Some("shutting_down")
+    } else if ctx.pool.get().ping().is_err() {
+        Some("database_unavailable")
+    } else {
+        space.refusal()
+    };
+    let max = space
+        .max()
+        .map_or("null".to_string(), |max| max.to_string());
+    let sizes = format!(
+        r#""database_bytes":{},"max_database_bytes":{max}"#,
+        space.used()
+    );
+    match reason {
+        None => Resp::ok(format!(r#"{{"status":"ready",{sizes}}}"#)),
+        Some(reason) => Resp {
+            status: 503,
+            body: format!(r#"{{"status":"not_ready","reason":"{reason}",{sizes}}}"#),
+            headers: Vec::new(),
+        },
     }
 }
 
@@ -480,6 +516,7 @@ pub(super) mod tests {
         pool: Pool,
         watch: std::sync::Arc<Watch>,
         metrics: std::sync::Arc<Metrics>,
+        space: std::sync::Arc<Space>,
         writer: Option<Writer>,
         submitter: Option<Submitter>,
     }
@@ -493,12 +530,15 @@ pub(super) mod tests {
             let watch = std::sync::Arc::new(Watch::new(0, 4));
             let retention = std::time::Duration::from_secs(3600);
             let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-            let writer = Writer::start(w, watch.clone(), metrics.clone(), retention).unwrap();
+            let space = std::sync::Arc::new(Space::new(dir.path(), 0, None));
+            let writer =
+                Writer::start(w, watch.clone(), metrics.clone(), space.clone(), retention).unwrap();
             let submitter = writer.submitter();
             Harness {
                 pool: Pool::open(&path, Sync::Normal, 2).unwrap(),
                 watch,
                 metrics,
+                space,
                 _dir: dir,
                 writer: Some(writer),
                 submitter: Some(submitter),
@@ -543,6 +583,8 @@ pub(super) mod tests {
                 pool: &self.pool,
                 watch: &self.watch,
                 metrics: &self.metrics,
+                space: &self.space,
+                stopping: &AtomicBool::new(false),
                 max_batch_ops: 5,
             };
             match handle(req, &ctx)? {

@@ -107,6 +107,16 @@ impl Store {
         })
     }
 
+    /// Bytes of database pages in use: free pages left by deletes are reused, so they do not count.
+    pub fn used_bytes(&self) -> Result<u64, rusqlite::Error> {
+        self.conn.query_row(
+            "SELECT (page_count - freelist_count) * page_size
+             FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
+            [],
+            |row| row.get(0).map(count),
+        )
+    }
+
     /// Checks the connection can read the schema (for `/health`).
     pub fn ping(&self) -> Result<(), rusqlite::Error> {
         self.conn
