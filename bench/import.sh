@@ -14,22 +14,6 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/kv-import.XXXXXX")
 mkdir -p "$RESULTS"
 build
 
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-# peak_while PID COMMAND…: runs COMMAND, sampling PID's VmRSS every 10 ms; prints the peak KiB.
-peak_while() {
-	local pid=$1 peak=0 rss job
-	shift
-	"$@" &
-	job=$!
-	while kill -0 "$job" 2>/dev/null; do
-		rss=$(rss_kib "$pid")
-		((rss > peak)) && peak=$rss
-		sleep 0.01
-	done
-	wait "$job"
-	echo "$peak"
-}
-mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 seconds_since() { awk -v t0="$1" -v t1="$(date +%s%N)" 'BEGIN {printf "%.2f", (t1 - t0) / 1e9}'; }
 
 log "writing $IMPORT_COUNT lines"
@@ -59,12 +43,12 @@ rate() { awk -v n="$IMPORT_COUNT" -v s="$1" 'BEGIN {printf "%.0f", n / s}'; }
 	echo "- command: \`$COMMAND\`"
 	echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 	describe_machine
-	echo "- $IMPORT_COUNT objects of 100 B in one collection, $(mib $((bytes / 1024))) MiB of NDJSON; KV_SYNC=full; RSS before: $(mib "$before") MiB"
+	echo "- $IMPORT_COUNT objects of 100 B in one collection, $(kib_to_mib $((bytes / 1024))) MiB of NDJSON; KV_SYNC=full; RSS before: $(kib_to_mib "$before") MiB"
 	echo
 	echo "| step | seconds | objects/s | peak RSS MiB (+ over before) |"
 	echo "|---|--:|--:|--:|"
-	echo "| POST /import (one transaction) | $import_s | $(rate "$import_s") | $(mib "$import_peak") (+$(mib $((import_peak - before)))) |"
-	echo "| GET /export (one snapshot, streamed) | $export_s | $(rate "$export_s") | $(mib "$export_peak") (+$(mib $((export_peak - before)))) |"
+	echo "| POST /import (one transaction) | $import_s | $(rate "$import_s") | $(kib_to_mib "$import_peak") (+$(kib_to_mib $((import_peak - before)))) |"
+	echo "| GET /export (one snapshot, streamed) | $export_s | $(rate "$export_s") | $(kib_to_mib "$export_peak") (+$(kib_to_mib $((export_peak - before)))) |"
 } >"$WORK/report.md"
 cat "$WORK/report.md"
 cp "$WORK/report.md" "$RESULTS/import.md"

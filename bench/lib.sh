@@ -56,6 +56,8 @@ build() {
 	mkdir -p "$WORK/bin"
 	cp "$target/release/kv" "$target/release/examples/bare" "$WORK/bin/" ||
 		die "no release binaries in $target (run without SKIP_BUILD=1)"
+	# KV_BINARY measures another kv (an older build, say) against the same reference server.
+	[[ -z ${KV_BINARY:-} ]] || cp "$KV_BINARY" "$WORK/bin/kv" || die "cannot copy KV_BINARY=$KV_BINARY"
 	KV_BIN=$WORK/bin/kv
 	BARE_BIN=$WORK/bin/bare
 }
@@ -132,9 +134,11 @@ busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 # run_wrk OUTFILE URL SCRIPT|- SERVER_PID ENV=… …: one measured run, wrk -t1 -c$CONNECTIONS
-# -d${DURATION}s. Also writes OUTFILE.cpu: "server% wrk% other%", the CPU the server, wrk and
-# everything else on the machine used during the run (server and wrk in % of one CPU, other in % of
-# all CPUs), because another busy process on the machine skews the numbers.
+# -d${DURATION}s. Also writes OUTFILE.cpu: "server% wrk% other% server_us", the CPU the server, wrk
+# and everything else on the machine used during the run (server and wrk in % of one CPU, other in
+# % of all CPUs), because another busy process on the machine skews the numbers, and the server's
+# CPU time (user + system, /proc/PID/stat) per request in microseconds, which does not depend on
+# how the two CPUs were shared between client and server.
 run_wrk() {
 	local out=$1 url=$2 script=$3 server=$4 TIMEFORMAT='%U %S'
 	shift 4
@@ -144,13 +148,17 @@ run_wrk() {
 	t0=$(date +%s%N) busy0=$(busy_ticks) server0=$(proc_ticks "$server")
 	{ time timeout $((DURATION + 60)) env "$@" wrk "${args[@]}" "$url" >"$out" 2>&1; } 2>"$out.time" ||
 		{ cat "$out" >&2; die "wrk failed: $url $script"; }
+	local requests
+	requests=$(awk '/ requests in / {print $1}' "$out")
 	awk -v t0="$t0" -v t1="$(date +%s%N)" -v busy="$(($(busy_ticks) - busy0))" \
-		-v server="$(($(proc_ticks "$server") - server0))" -v hz="$(getconf CLK_TCK)" -v cpus="$(nproc)" '
+		-v server="$(($(proc_ticks "$server") - server0))" -v hz="$(getconf CLK_TCK)" -v cpus="$(nproc)" \
+		-v requests="${requests:-0}" '
 		{ wrk = $1 + $2 }
 		END {
 			wall = (t1 - t0) / 1e9
 			other = (busy / hz - server / hz - wrk) / (wall * cpus) * 100
-			printf "%.0f %.0f %.0f\n", server / hz / wall * 100, wrk / wall * 100, other < 0 ? 0 : other
+			us = requests > 0 ? server / hz * 1e6 / requests : 0
+			printf "%.0f %.0f %.0f %.1f\n", server / hz / wall * 100, wrk / wall * 100, other < 0 ? 0 : other, us
 		}' "$out.time" >"$out.cpu"
 }
 
@@ -214,3 +222,24 @@ load_sql() {
 	echo "PRAGMA wal_checkpoint(TRUNCATE);"
 	echo ".print progress: done"
 }
+
+# rss_kib PID: the process's VmRSS in KiB (0 once it is gone).
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# peak_while PID COMMAND…: runs COMMAND, sampling PID's VmRSS every 10 ms; prints the peak KiB.
+peak_while() {
+	local pid=$1 peak=0 rss job
+	shift
+	"$@" &
+	job=$!
+	while kill -0 "$job" 2>/dev/null; do
+		rss=$(rss_kib "$pid")
+		((rss > peak)) && peak=$rss
+		sleep 0.01
+	done
+	wait "$job"
+	echo "$peak"
+}
+
+# kib_to_mib KIB: mebibytes with one decimal.
+kib_to_mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }

@@ -31,24 +31,8 @@ REPORT=$WORK/report.md
 } >"$REPORT"
 build
 
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-# peak_while PID COMMAND…: runs COMMAND, sampling PID's VmRSS every 10 ms; prints the peak KiB.
-peak_while() {
-	local pid=$1 peak=0 rss job
-	shift
-	"$@" &
-	job=$!
-	while kill -0 "$job" 2>/dev/null; do
-		rss=$(rss_kib "$pid")
-		((rss > peak)) && peak=$rss
-		sleep 0.01
-	done
-	wait "$job"
-	echo "$peak"
-}
 
-mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 
 for n in $LIST_COUNTS; do
 	dir=$WORK/n$n
@@ -70,9 +54,9 @@ for n in $LIST_COUNTS; do
 	[[ $listed == "$n" ]] || die "the list says count $listed, expected $n"
 	rm -f "$WORK/list.json"
 	four=$(peak_while "$KV_PID" bash -c "for i in 1 2 3 4; do curl -s -o /dev/null '$url' & done; wait")
-	log "N=$n: RSS before $(mib "$before") MiB, one list peak $(mib "$one") MiB, four at once $(mib "$four") MiB, $secs s"
-	printf '| %s | %s | %s | %s | %s (+%s) | %s (+%s) |\n' "$n" "$(mib $((bytes / 1024)))" "$secs" "$(mib "$before")" \
-		"$(mib "$one")" "$(mib $((one - before)))" "$(mib "$four")" "$(mib $((four - before)))" >>"$REPORT"
+	log "N=$n: RSS before $(kib_to_mib "$before") MiB, one list peak $(kib_to_mib "$one") MiB, four at once $(kib_to_mib "$four") MiB, $secs s"
+	printf '| %s | %s | %s | %s | %s (+%s) | %s (+%s) |\n' "$n" "$(kib_to_mib $((bytes / 1024)))" "$secs" "$(kib_to_mib "$before")" \
+		"$(kib_to_mib "$one")" "$(kib_to_mib $((one - before)))" "$(kib_to_mib "$four")" "$(kib_to_mib $((four - before)))" >>"$REPORT"
 	stop_server "$KV_PID"
 	[[ ${KEEP_DATA:-0} == 1 ]] || rm -rf "$dir"
 done

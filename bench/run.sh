@@ -8,7 +8,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-COMMAND=$(command_line DURATION CONNECTIONS KEYS MIN_DELETE_KEYS KV_WORKERS SKIP_BUILD KEEP_DATA)
+COMMAND=$(command_line DURATION CONNECTIONS KEYS MIN_DELETE_KEYS KV_WORKERS KV_BINARY SKIP_BUILD KEEP_DATA)
 # The bare server gets as many workers as kv: KV_WORKERS, else kv's default of 2 per CPU.
 BARE_WORKERS=${KV_WORKERS:-$((2 * $(nproc)))}
 DURATION=${DURATION:-8}
@@ -38,7 +38,7 @@ need curl
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kv-bench.XXXXXX")
 mkdir -p "$RESULTS" "$WORK/raw"
 RAW=$WORK/raw
-RESULT_ROWS=$WORK/results.tsv # target workload rps p50 p99 requests non2xx socket_errors server% wrk% other%
+RESULT_ROWS=$WORK/results.tsv # target workload rps p50 p99 requests non2xx socket_errors server% wrk% other% server_us
 : >"$RESULT_ROWS"
 NOTES=$WORK/notes.md
 : >"$NOTES"
@@ -77,9 +77,9 @@ measure() {
 	# shellcheck disable=SC2086 # settings are space-separated ENV=value words
 	run_wrk "$out" "http://127.0.0.1:$port$path" "$script" "$pid" KEYS="$KEYS" $settings "$@"
 	read -r rps p50 p99 requests bad errors < <(parse_wrk "$out")
-	read -r server_cpu wrk_cpu other_cpu <"$out.cpu"
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$name" "$rps" "$p50" "$p99" \
-		"$requests" "$bad" "$errors" "$server_cpu" "$wrk_cpu" "$other_cpu" >>"$RESULT_ROWS"
+	read -r server_cpu wrk_cpu other_cpu server_us <"$out.cpu"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$name" "$rps" "$p50" "$p99" \
+		"$requests" "$bad" "$errors" "$server_cpu" "$wrk_cpu" "$other_cpu" "$server_us" >>"$RESULT_ROWS"
 	log "$target $name: $rps req/s, p50 $p50 ms, p99 $p99 ms, $bad non-2xx, $errors socket errors;" \
 		"CPU: server $server_cpu%, wrk $wrk_cpu%, other processes $other_cpu% of the machine"
 	if ((bad || errors)); then
@@ -151,20 +151,20 @@ done
 # The table: one row per workload; each kv column next to the bare server's numbers for it.
 TABLE=$WORK/table.md
 {
-	echo "| workload | bare body B | bare req/s | bare p50 / p99 ms | full req/s | full p50 / p99 ms | full / bare | normal req/s | normal p50 / p99 ms | normal / bare |"
-	echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+	echo "| workload | bare body B | bare req/s | bare p50 / p99 ms | bare µs/req | full req/s | full p50 / p99 ms | full µs/req | full / bare | normal req/s | normal p50 / p99 ms | normal µs/req | normal / bare |"
+	echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
 	for w in "${WORKLOADS[@]}"; do
 		IFS='|' read -r name what _ _ _ class <<<"$w"
 		awk -F'\t' -v name="$name" -v what="$what" -v bytes="${BARE_BYTES[$class]}" -v warn="$OTHER_CPU_WARN" '
 			$2 == name {
-				rps[$1] = $3; lat[$1] = sprintf("%.2f / %.2f", $4, $5)
+				rps[$1] = $3; lat[$1] = sprintf("%.2f / %.2f", $4, $5); us[$1] = $12
 				shown[$1] = $3 ($11 >= warn ? "*" : "")
 			}
 			function ratio(t) { return rps["bare"] > 0 ? sprintf("%.2f", rps[t] / rps["bare"]) : "-" }
 			END {
-				printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", what, bytes,
-					shown["bare"], lat["bare"], shown["full"], lat["full"], ratio("full"),
-					shown["normal"], lat["normal"], ratio("normal")
+				printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", what, bytes,
+					shown["bare"], lat["bare"], us["bare"], shown["full"], lat["full"], us["full"], ratio("full"),
+					shown["normal"], lat["normal"], us["normal"], ratio("normal")
 			}' "$RESULT_ROWS"
 	done
 } >"$TABLE"
@@ -175,7 +175,7 @@ REPORT=$WORK/report.md
 	echo
 	cat "$TABLE"
 	echo
-	echo "Ratios are kv's req/s over the bare tiny_http server's for the same wrk script in this run (bare answers every request with a fixed body of the size shown, after reading the request body). Latencies are wrk's 50th and 99th percentiles. * marks a run during which other processes used at least $OTHER_CPU_WARN% of the machine's CPU (see the notes)."
+	echo "µs/req is the server's CPU time (user + system from /proc/PID/stat) over the run divided by the requests it answered. Ratios are kv's req/s over the bare tiny_http server's for the same wrk script in this run (bare answers every request with a fixed body of the size shown, after reading the request body). Latencies are wrk's 50th and 99th percentiles. * marks a run during which other processes used at least $OTHER_CPU_WARN% of the machine's CPU (see the notes)."
 	echo
 	cat "$NOTES"
 	awk -F'\t' -v warn="$OTHER_CPU_WARN" '

@@ -114,7 +114,7 @@ measure_load() {
 	rss_kib "$pid" >>"$out.rss"
 	local requests bad errors
 	read -r M_RPS M_P50 M_P99 requests bad errors < <(parse_wrk "$out")
-	read -r _ _ M_OTHER <"$out.cpu" # server% wrk% other%
+	read -r _ _ M_OTHER _ <"$out.cpu" # server% wrk% other% server_us
 	M_RSS=$(sort -n "$out.rss" | tail -1)
 	if ((bad || errors)); then
 		echo "- $label: $bad non-2xx responses, $errors socket errors (of $requests requests)" >>"$NOTES"

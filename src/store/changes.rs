@@ -51,22 +51,22 @@ const FEED_SQL: [&str; 4] = [
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
-     ORDER BY c.rev LIMIT ?3",
+     ORDER BY c.rev LIMIT (SELECT ?3)",
     "SELECT c.rev, c.collection, c.key, kv.value, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
-     ORDER BY c.rev LIMIT ?3",
+     ORDER BY c.rev LIMIT (SELECT ?3)",
     "SELECT c.rev, c.collection, c.key, NULL, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
-     WHERE c.collection = ?2 AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
-     ORDER BY c.rev LIMIT ?3",
+     WHERE c.collection = (SELECT ?2) AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
+     ORDER BY c.rev LIMIT (SELECT ?3)",
     "SELECT c.rev, c.collection, c.key, kv.value, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
-     WHERE c.collection = ?2 AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
-     ORDER BY c.rev LIMIT ?3",
+     WHERE c.collection = (SELECT ?2) AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
+     ORDER BY c.rev LIMIT (SELECT ?3)",
 ];
 
 impl Store {
@@ -177,7 +177,7 @@ impl Store {
             .conn
             .prepare_cached(
                 "DELETE FROM tombstones WHERE rev IN (
-                     SELECT rev FROM (SELECT rev, deleted_at FROM tombstones ORDER BY rev LIMIT ?2)
+                     SELECT rev FROM (SELECT rev, deleted_at FROM tombstones ORDER BY rev LIMIT (SELECT ?2))
                      WHERE deleted_at < ?1)
                  RETURNING rev, collection",
             )?
@@ -214,7 +214,7 @@ impl Store {
         let end: Option<i64> = self
             .conn
             .prepare_cached(
-                "SELECT max(rev) FROM (SELECT rev FROM changes WHERE rev > ?1 ORDER BY rev LIMIT ?2)",
+                "SELECT max(rev) FROM (SELECT rev FROM changes WHERE rev > ?1 ORDER BY rev LIMIT (SELECT ?2))",
             )?
             .query_row(params![after as i64, window as i64], |row| row.get(0))?;
         let Some(end) = end else {
