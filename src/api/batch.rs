@@ -46,10 +46,13 @@ enum Kind {
 
 /// Checks a batch and prepares it for the writer.
 pub(super) fn batch(req: &Req<'_>, max_ops: usize) -> Result<Answer<'static>, Error> {
+    // The parameter is checked even when the body's `collection` takes its place: a bad one is the
+    // client's mistake either way, and a batch must not run as if it had not been sent.
+    let query_default = collection(req.query)?;
     let body: BatchBody<'_> = object_from_str(json_text(&req.body)?)?;
     let default = match body.collection {
         Some(raw) => collection_from_json(raw)?,
-        None => collection(req.query)?,
+        None => query_default,
     };
     let raw_ops = body
         .ops
@@ -234,4 +237,26 @@ fn respond(labels: &[(Kind, String)], outcome: Outcome) -> Result<Resp, Error> {
     }
     body.push_str("]}");
     Ok(Resp::ok(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::api::Method;
+    use crate::api::tests::Harness;
+
+    #[test]
+    fn a_bad_collection_parameter_is_refused_even_when_the_body_names_one() {
+        let h = Harness::new();
+        let body = r#"{"collection":"c","ops":[{"op":"put","key":"k","value":1}]}"#;
+        let (status, resp) = h.call(Method::Post, "/batch?collection=%C2%84", body);
+        assert_eq!((status, &resp["code"]), (400, &"invalid_collection".into()));
+        let (status, _) = h.call(Method::Get, "/objects/k?collection=c", "");
+        assert_eq!(status, 404, "nothing applied");
+        let (status, _) = h.call(Method::Post, "/batch?collection=q", body);
+        assert_eq!(
+            status, 200,
+            "a good parameter still gives way to the body's"
+        );
+        assert_eq!(h.call(Method::Get, "/objects/k?collection=c", "").0, 200);
+    }
 }
