@@ -19,6 +19,8 @@ use crate::watch::{Lease, Wake};
 /// Most changes in one answer, and the default.
 const MAX_LIMIT: u64 = 10_000;
 const DEFAULT_LIMIT: u64 = 1000;
+/// Highest `since` (or `Last-Event-ID`): revisions are SQLite integers, so none is higher.
+const MAX_SINCE: u64 = i64::MAX as u64;
 /// Longest long-poll, in seconds.
 const MAX_WAIT_SECS: u64 = 60;
 /// An event stream sends a comment at least this often, so proxies keep it open and a client that
@@ -46,7 +48,7 @@ impl Feed {
             Some(name) => Some(Name::Collection.check(name)?),
         };
         Ok(Feed {
-            since: number_param(query, "since", "invalid_since", (0, i64::MAX as u64, 0))?,
+            since: number_param(query, "since", "invalid_since", (0, MAX_SINCE, 0))?,
             collection,
             limit: number_param(
                 query,
@@ -139,12 +141,19 @@ pub(super) fn changes<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>,
 /// one as it commits, until kv stops or the client goes.
 fn stream<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>, feed: Feed) -> Result<Answer<'a>, Error> {
     let since = match req.header("last-event-id") {
-        Some(id) => id.trim().parse::<u64>().map_err(|_| {
-            Error::bad_request(
-                "invalid_since",
-                format!("Last-Event-ID must be a revision, not {id:?}"),
-            )
-        })?,
+        // Bounded like `since`: past i64::MAX the store would read it as a negative revision
+        // and replay the whole feed.
+        Some(id) => id
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|rev| *rev <= MAX_SINCE)
+            .ok_or_else(|| {
+                Error::bad_request(
+                    "invalid_since",
+                    format!("Last-Event-ID must be a revision from 0 to {MAX_SINCE}, not {id:?}"),
+                )
+            })?,
         None => feed.since,
     };
     let lease = ctx.watch.lease()?;
@@ -231,4 +240,30 @@ fn push_change(out: &mut String, change: &Change<'_>) {
         out.push_str(value);
     }
     out.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::api::Method;
+    use crate::api::tests::Harness;
+
+    #[test]
+    fn a_last_event_id_past_the_highest_revision_is_refused_like_since() {
+        let h = Harness::new();
+        for id in ["9223372036854775808", "18446744073709551615", "-1", "x"] {
+            let (status, body, _) = h.call_with(
+                Method::Get,
+                "/changes",
+                &[("accept", "text/event-stream"), ("last-event-id", id)],
+                "",
+            );
+            assert_eq!(
+                (status, &body["code"]),
+                (400, &"invalid_since".into()),
+                "{id}"
+            );
+        }
+        let (status, body) = h.call(Method::Get, "/changes?since=9223372036854775808", "");
+        assert_eq!((status, &body["code"]), (400, &"invalid_since".into()));
+    }
 }
