@@ -5,7 +5,8 @@
 //! route is unit-tested by calling `handle`.
 //!
 //! This file is the routing table and the helpers every resource shares; each resource has its
-//! own file (`objects`, `collections`, `changes`, `batch`).
+//! own file (`objects`, `collections`, `changes`, `batch`); `openapi` serves the description of
+//! them all, whose tests read this table.
 //!
 //! Values travel as the JSON text the client sent: a PUT checks the syntax and stores the text, a GET
 //! splices the stored text into the response without parsing it again.
@@ -16,6 +17,7 @@ mod changes;
 mod collections;
 mod list;
 mod objects;
+mod openapi;
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -226,6 +228,10 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
         },
         ("changes", None) => match req.method {
             Method::Get | Method::Head => changes::changes(req, ctx),
+            _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
+        },
+        ("openapi.json", None) => match req.method {
+            Method::Get | Method::Head => Ok(openapi::get().into()),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         _ => Err(Error::not_found(
