@@ -31,7 +31,9 @@ def _relabel_preconditions(case):
     """schemathesis 4.32's coverage phase, when it finds no value of the pattern, builds cases it
     calls valid with an invalid `If-None-Match` (empty, or a number); kv rightly refuses them with
     400 invalid_precondition. Marking the headers as edited makes schemathesis check them against
-    the document again, so such a case counts as the invalid request it is."""
+    the document again, so such a case counts as the invalid request it is. (`_meta` and
+    `mark_dirty` are schemathesis internals: the version is pinned, and an upgrade that drops them
+    fails every case with an AttributeError rather than passing quietly.)"""
     meta = case._meta
     if meta is None or ParameterLocation.HEADER not in meta.components:
         return
