@@ -157,6 +157,9 @@ impl Watch {
     pub fn publish<'c>(&self, rev: u64, collections: impl IntoIterator<Item = &'c str>) {
         let mut state = self.lock();
         state.rev = state.rev.max(rev);
+        if state.parked.is_empty() {
+            return;
+        }
         let mut woken = state.parked.remove(&None).unwrap_or_default();
         for collection in collections {
             if let Some(list) = state.parked.remove(&Some(collection.to_string())) {

@@ -578,10 +578,16 @@ impl Writing {
                 }
                 return fail_all(group, "commit failed");
             }
-            match self.store.used_bytes() {
-                Ok(bytes) => self.space.set_used(bytes),
-                Err(e) => log::warn!("cannot read the database size: {e}"),
+            // Only a quota needs the size after every commit; /ready and /metrics read it then.
+            if self.space.max().is_some() {
+                match self.store.used_bytes() {
+                    Ok(bytes) => self.space.set_used(bytes),
+                    Err(e) => log::warn!("cannot read the database size: {e}"),
+                }
             }
+            // A group usually writes to few collections: one name each for the waiters.
+            changed.sort_unstable();
+            changed.dedup();
             let changed: Vec<String> = changed.into_iter().map(Cow::into_owned).collect();
             break (replies, changed);
         };

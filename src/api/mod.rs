@@ -244,9 +244,10 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
 /// `/ready`: 200 when kv can read and write, else 503 with the reason; both with the sizes.
 fn ready(ctx: &Ctx<'_>) -> Resp {
     let space = ctx.space;
+    let used = ctx.pool.get().used_bytes();
     let reason = if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
         Some("shutting_down")
-    } else if ctx.pool.get().ping().is_err() {
+    } else if used.is_err() {
         Some("database_unavailable")
     } else {
         space.refusal()
@@ -254,10 +255,8 @@ fn ready(ctx: &Ctx<'_>) -> Resp {
     let max = space
         .max()
         .map_or("null".to_string(), |max| max.to_string());
-    let sizes = format!(
-        r#""database_bytes":{},"max_database_bytes":{max}"#,
-        space.used()
-    );
+    let used = used.unwrap_or_else(|_| space.used());
+    let sizes = format!(r#""database_bytes":{used},"max_database_bytes":{max}"#);
     match reason {
         None => Resp::ok(format!(r#"{{"status":"ready",{sizes}}}"#)),
         Some(reason) => Resp {
