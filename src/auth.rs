@@ -11,16 +11,6 @@
 //! request sees half a file and a broken file never replaces a good one. Without a tokens file
 //! access is open, as before tokens existed, and the check is a single branch.
 
-// Until the HTTP layer asks `authorize`, the check is used by the tests only. An `expect`, not an
-// `allow`, so that the line has to go once the wiring lands.
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the HTTP layer does not call authorize yet (issue 10)"
-    )
-)]
-
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
@@ -73,7 +63,10 @@ impl From<AuthError> for Error {
     fn from(e: AuthError) -> Error {
         match e {
             AuthError::Unauthorized => Error::Unauthorized,
-            AuthError::Forbidden(message) => Error::Forbidden { message },
+            AuthError::Forbidden(message) => Error::Forbidden {
+                message,
+                index: None,
+            },
         }
     }
 }
@@ -99,6 +92,27 @@ impl Principal {
     /// Whether this principal may read `collection`; for filtering a list of collections.
     pub fn can_read(&self, collection: &str) -> bool {
         self.allows(Right::Read, Some(collection))
+    }
+
+    /// Whether this principal may read every collection (admin, `"*"`, or open access), so that
+    /// lists need no filtering.
+    pub fn can_read_all(&self) -> bool {
+        self.0.as_ref().is_none_or(|token| {
+            token.admin
+                || token
+                    .grants
+                    .iter()
+                    .any(|(pattern, _)| *pattern == Pattern::All)
+        })
+    }
+
+    /// `Forbidden` unless this principal has `right` (see `allows`); the sentence says what is missing.
+    pub fn require(&self, right: Right, collection: Option<&str>) -> Result<(), AuthError> {
+        if self.allows(right, collection) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(refusal(right, collection)))
+        }
     }
 }
 
@@ -184,6 +198,9 @@ impl Auth {
     }
 
     /// `authenticate`, then `Forbidden` unless the principal has `right` (see `Principal::allows`).
+    /// The routing table authenticates once and checks each right with `Principal::require`;
+    /// this one-call form is for the tests.
+    #[cfg(test)]
     pub fn authorize(
         &self,
         authorization: Option<&str>,
@@ -191,11 +208,22 @@ impl Auth {
         collection: Option<&str>,
     ) -> Result<Principal, AuthError> {
         let principal = self.authenticate(authorization)?;
-        if principal.allows(right, collection) {
-            Ok(principal)
-        } else {
-            Err(AuthError::Forbidden(refusal(right, collection)))
-        }
+        principal.require(right, collection)?;
+        Ok(principal)
+    }
+
+    /// Whether `principal`'s token is still in force, unchanged, after any reload since it was
+    /// authenticated; for requests that outlive a reload (event streams), so that a revoked
+    /// token stops receiving changes.
+    pub fn is_current(&self, principal: &Principal) -> bool {
+        let Some(token) = &principal.0 else {
+            return self.file.is_none();
+        };
+        let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
+        tokens
+            .by_digest
+            .get(&token.digest)
+            .is_some_and(|current| Arc::ptr_eq(current, token) || **current == **token)
     }
 
     fn current(&self) -> Arc<Tokens> {
@@ -331,6 +359,7 @@ impl Tokens {
                 return Err(format!("{at}: another token has the same name"));
             }
             let token = Token {
+                digest,
                 name: entry.name,
                 admin: entry.admin,
                 metrics: entry.metrics,
@@ -344,9 +373,11 @@ impl Tokens {
     }
 }
 
-/// One entry of the file, without its digest (the key it is found under).
-#[derive(Debug)]
+/// One entry of the file.
+#[derive(Debug, PartialEq, Eq)]
 struct Token {
+    /// Also the key it is found under; kept to find it again after a reload.
+    digest: [u8; DIGEST_BYTES],
     name: String,
     admin: bool,
     metrics: bool,
@@ -912,6 +943,45 @@ mod tests {
         write_file(dir.path(), r#"{"tokens":[]}"#);
         assert_eq!(auth.reload(), Ok(0));
         assert!(web.allows(Right::Write, Some("app-1")));
+    }
+
+    #[test]
+    fn a_principal_is_current_until_its_entry_changes() {
+        let (dir, auth) = auth_from(&example());
+        let web = auth.authenticate(Some(&bearer_of(WEB))).unwrap();
+        assert!(auth.is_current(&web));
+        // The same file again: new entries, equal to the old ones.
+        auth.reload().unwrap();
+        assert!(auth.is_current(&web));
+        let narrower = file_text(
+            &[serde_json::json!({"name": "web", "sha256": sha256_hex(WEB),
+            "collections": {"app-*": "read"}})],
+        );
+        write_file(dir.path(), &narrower);
+        auth.reload().unwrap();
+        assert!(!auth.is_current(&web), "its rights changed");
+        write_file(dir.path(), r#"{"tokens":[]}"#);
+        auth.reload().unwrap();
+        assert!(!auth.is_current(&web), "it was revoked");
+        let open = Auth::open();
+        assert!(open.is_current(&open.authenticate(None).unwrap()));
+    }
+
+    #[test]
+    fn can_read_all_means_admin_or_a_star() {
+        let (_dir, auth) = auth_from(&example());
+        let of = |token| auth.authenticate(Some(&bearer_of(token))).unwrap();
+        assert!(of(OPS).can_read_all());
+        assert!(!of(WEB).can_read_all());
+        assert!(!of(NOBODY).can_read_all());
+        let (_dir, auth) = auth_from(&file_text(&[serde_json::json!({"name": "r",
+            "sha256": sha256_hex(WEB), "collections": {"*": "read"}})]));
+        assert!(
+            auth.authenticate(Some(&bearer_of(WEB)))
+                .unwrap()
+                .can_read_all()
+        );
+        assert!(Auth::open().authenticate(None).unwrap().can_read_all());
     }
 
     #[test]

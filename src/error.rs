@@ -17,8 +17,12 @@ pub enum Error {
     /// 401: no token, a malformed `Authorization` header, or a token the tokens file does not know.
     /// The HTTP layer adds `WWW-Authenticate: Bearer realm="kv"` to this answer.
     Unauthorized,
-    /// 403: a known token without the right this request needs; `message` says which right.
-    Forbidden { message: String },
+    /// 403: a known token without the right this request needs; `message` says which right,
+    /// `index` names the batch op that needs it, if any.
+    Forbidden {
+        message: String,
+        index: Option<usize>,
+    },
     /// 400: line `line` (from 1) of an NDJSON import is not an object kv can store.
     InvalidLine { line: usize, message: String },
     /// 404: no such object, collection or route.
@@ -98,6 +102,10 @@ impl Error {
                 current_rev,
                 index: Some(index),
             },
+            Error::Forbidden { message, .. } => Error::Forbidden {
+                message: format!("op {index}: {message}"),
+                index: Some(index),
+            },
             other => other,
         }
     }
@@ -144,6 +152,7 @@ impl Error {
     /// Headers the response must carry besides the body's.
     pub fn headers(&self) -> Option<(&'static str, &'static str)> {
         match self {
+            Error::Unauthorized => Some(("WWW-Authenticate", r#"Bearer realm="kv""#)),
             Error::MethodNotAllowed { allow } => Some(("Allow", allow)),
             Error::TooManyWaiters => Some(("Retry-After", "1")),
             Error::StorageFull => Some(("Retry-After", "5")),
@@ -160,7 +169,7 @@ impl Error {
             | Error::TooLarge { message, .. } => message.clone(),
             Error::InvalidLine { line, message } => format!("line {line}: {message}"),
             Error::Unauthorized => "a valid bearer token is required".into(),
-            Error::Forbidden { message } => message.clone(),
+            Error::Forbidden { message, .. } => message.clone(),
             Error::MethodNotAllowed { .. } => "method not allowed on this path".into(),
             Error::Timeout => "timed out reading the request body".into(),
             Error::Compacted { oldest_rev } => format!(
@@ -189,6 +198,9 @@ impl Error {
         let mut body = serde_json::json!({ "error": message, "code": self.code() });
         match self {
             Error::BadRequest {
+                index: Some(index), ..
+            }
+            | Error::Forbidden {
                 index: Some(index), ..
             } => body["index"] = (*index).into(),
             Error::PreconditionFailed {
@@ -261,14 +273,25 @@ mod tests {
             e.body(),
             r#"{"code":"unauthorized","error":"a valid bearer token is required"}"#
         );
+        assert_eq!(
+            e.headers(),
+            Some(("WWW-Authenticate", r#"Bearer realm="kv""#))
+        );
         let e = Error::Forbidden {
             message: r#"this token may not write collection "config""#.into(),
+            index: None,
         };
         assert_eq!(e.status(), 403);
         let body: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"error": r#"this token may not write collection "config""#, "code": "forbidden"})
+        );
+        let body: serde_json::Value = serde_json::from_str(&e.at_index(3).body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": r#"op 3: this token may not write collection "config""#,
+                "code": "forbidden", "index": 3})
         );
     }
 

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::api::{self, Answer, Ctx, Method, Req, Resp, Stream};
+use crate::api::{self, Answer, Ctx, Handled, Method, Req, Resp, Stream};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{self, Metrics};
@@ -74,6 +75,7 @@ struct Shared {
     watch: Arc<Watch>,
     metrics: Arc<Metrics>,
     space: Arc<Space>,
+    auth: Arc<Auth>,
     submitter: Submitter,
     max_body_bytes: usize,
     max_batch_ops: usize,
@@ -170,6 +172,7 @@ pub fn serve(
     watch: Arc<Watch>,
     metrics: Arc<Metrics>,
     space: Arc<Space>,
+    auth: Arc<Auth>,
     stops: Sender<Stop>,
 ) -> Result<Server, String> {
     let listener = listen(config)?;
@@ -181,6 +184,7 @@ pub fn serve(
         watch,
         metrics,
         space,
+        auth,
         submitter: writer.submitter(),
         max_body_bytes: config.max_body_bytes,
         max_batch_ops: config.max_batch_ops,
@@ -302,6 +306,7 @@ fn serve_connection<E: std::fmt::Display>(
                     send(
                         request,
                         Err(shutting_down()),
+                        None,
                         Instant::now(),
                         &shared.metrics,
                     );
@@ -347,12 +352,13 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
         metrics: &shared.metrics,
         space: &shared.space,
         stopping: &shared.stopping,
+        auth: &shared.auth,
         max_batch_ops: shared.max_batch_ops,
     };
     // A refused body is left unread; tiny_http reads and discards the rest when the request is
     // dropped, on this connection's own thread, so a client trickling a huge body holds nothing
     // that other clients need.
-    let answer = body.and_then(|body| {
+    let handled = body.map(|body| {
         let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
         // tiny_http hands out only the first line of a repeated header.
         let headers = api::HEADERS
@@ -367,30 +373,45 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
             body,
             upload: RefCell::new(upload),
         };
-        catch_unwind(AssertUnwindSafe(|| api::handle(&req, &ctx)))
-            .unwrap_or_else(|panic| Err(Error::from_panic(panic)))
+        catch_unwind(AssertUnwindSafe(|| api::handle(&req, &ctx))).unwrap_or_else(|panic| Handled {
+            who: None,
+            answer: Err(Error::from_panic(panic)),
+        })
     });
+    let (who, answer) = match handled {
+        Ok(Handled { who, answer }) => (who, answer),
+        Err(e) => (None, Err(e)),
+    };
+    // The access line names the token's entry, never the token.
+    let who = who.as_ref().and_then(|who| who.name());
     let result = match answer {
         Ok(Answer::Now(resp)) => Ok(resp),
         Err(e) => Err(e),
         Ok(Answer::AfterCommit(op, finish)) => shared.submitter.write(op).and_then(finish),
         Ok(Answer::Stream(stream)) => {
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
-                send_stream(request, stream, started, &shared.metrics)
+                send_stream(request, stream, who, started, &shared.metrics)
             })) {
                 log::error!("a stream {}", Error::from_panic(panic));
             }
             return false;
         }
     };
-    send(request, result, started, &shared.metrics);
+    send(request, result, who, started, &shared.metrics);
     true
 }
 
-/// Sends the answer to a request, and logs it.
+/// ` (token NAME)` for the access line of a request with a named token, else nothing.
+fn by(who: Option<&str>) -> String {
+    who.map(|name| format!(" (token {name})"))
+        .unwrap_or_default()
+}
+
+/// Sends the answer to a request, and logs it (with the name of its token, `who`).
 fn send(
     request: tiny_http::Request,
     result: Result<Resp, Error>,
+    who: Option<&str>,
     started: Instant,
     metrics: &Metrics,
 ) {
@@ -412,7 +433,7 @@ fn send(
         }
     };
     let line = log::log_enabled!(log::Level::Debug)
-        .then(|| format!("{} {path} {status}", request.method()));
+        .then(|| format!("{} {path} {status}{}", request.method(), by(who)));
     // The whole body is in memory, so always send its Content-Length; tiny_http would otherwise
     // switch to chunked encoding from 32 KiB on.
     let mut response = tiny_http::Response::from_string(body)
@@ -449,6 +470,7 @@ fn send(
 fn send_stream(
     request: tiny_http::Request,
     stream: Stream<'_>,
+    who: Option<&str>,
     started: Instant,
     metrics: &Metrics,
 ) {
@@ -480,9 +502,13 @@ fn send_stream(
             out.flush()
         });
     metrics.request(labels.0, labels.1, 200, started.elapsed());
+    let who = by(who);
     match sent {
-        Ok(()) => log::debug!("{method} {path} 200 (stream) {:.1?}", started.elapsed()),
-        Err(e) => log::debug!("{method} {path} 200 (stream) ended: {e}"),
+        Ok(()) => log::debug!(
+            "{method} {path} 200{who} (stream) {:.1?}",
+            started.elapsed()
+        ),
+        Err(e) => log::debug!("{method} {path} 200{who} (stream) ended: {e}"),
     }
 }
 

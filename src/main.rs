@@ -71,7 +71,7 @@ fn run(config: &Config) -> Result<(), String> {
         let _ = on_signal.send(http::Stop::Signal);
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    let server = http::serve(config, &writer, watch, metrics, space, stops)?;
+    let server = http::serve(config, &writer, watch, metrics, space, auth, stops)?;
     log::info!(
         "kv {} listening on http://{} (database {}, sync {}, {} read connections)",
         env!("CARGO_PKG_VERSION"),

@@ -201,8 +201,10 @@ fn sighup_reloads_the_tokens_file_and_keeps_serving() {
 
     // A keep-alive connection opened before the reload must still be answered after it.
     let mut kept = s.connect();
-    kept.write_all(&raw_request("PUT", "/objects", r#"{"key":"a","value":1}"#))
-        .unwrap();
+    let put = String::from_utf8(raw_request("PUT", "/objects", r#"{"key":"a","value":1}"#))
+        .unwrap()
+        .replacen("\r\n", "\r\nAuthorization: Bearer secret\r\n", 1);
+    kept.write_all(put.as_bytes()).unwrap();
     assert_eq!(read_response(&mut kept).status, 200);
 
     std::fs::write(&file, file_of(&[&ops, &web])).unwrap();
@@ -210,7 +212,7 @@ fn sighup_reloads_the_tokens_file_and_keeps_serving() {
     wait_for_log(&s, "reloaded", 1);
     assert!(s.log().contains("2 token(s)"), "{}", s.log());
     s.assert_healthy();
-    kept.write_all(b"GET /objects/a HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept.write_all(b"GET /objects/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n\r\n")
         .unwrap();
     let resp = read_response(&mut kept);
     assert_eq!(resp.status, 200);
@@ -260,4 +262,438 @@ fn sighup_without_a_tokens_file_does_not_stop_the_server() {
     s.signal_int();
     let status = s.wait(Duration::from_secs(5));
     assert!(status.success(), "{status:?}; log:\n{}", s.log());
+}
+
+/// Tokens for the access tests: `web` writes `app-*` and reads `config`, `ops` is admin, `nobody`
+/// has no right; each token is its name followed by `-secret`.
+fn access_file(dir: &Path) -> PathBuf {
+    let web = json!({"name": "web", "sha256": hash("web-secret"),
+        "collections": {"app-*": "write", "config": "read"}});
+    let ops = json!({"name": "ops", "sha256": hash("ops-secret"), "admin": true});
+    let nobody = json!({"name": "nobody", "sha256": hash("nobody-secret")});
+    tokens_file(dir, &file_of(&[&web, &ops, &nobody]), 0o600)
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// A request with `token` (none for `None`) and an optional body; the response.
+fn call(
+    s: &TestServer,
+    token: Option<&str>,
+    method: &str,
+    target: &str,
+    body: Option<&str>,
+) -> common::Response {
+    let auth = token.map(bearer);
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|value| ("Authorization", value))
+        .into_iter()
+        .collect();
+    s.request_with(method, target, &headers, body)
+}
+
+#[test]
+fn every_route_answers_401_403_or_serves_as_the_token_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = access_file(dir.path());
+    let s = server_with_tokens(dir.path(), &file);
+    for c in ["app-1", "config", "secrets"] {
+        let resp = call(
+            &s,
+            Some("ops-secret"),
+            "PUT",
+            &format!("/objects?collection={c}"),
+            Some(r#"{"key":"k","value":1}"#),
+        );
+        assert_eq!(resp.status, 200);
+    }
+    let put = Some(r#"{"key":"k","value":2}"#);
+    let batch_get = Some(r#"{"ops":[{"op":"get","key":"k"}]}"#);
+    // (method, target, body, status for web); nobody gets 403 and ops what web would get at best.
+    let matrix: [(&str, &str, Option<&str>, u16); 20] = [
+        ("GET", "/objects/k?collection=app-1", None, 200),
+        ("HEAD", "/objects/k?collection=app-1", None, 200),
+        ("GET", "/objects?collection=app-1", None, 200),
+        ("PUT", "/objects?collection=app-1", put, 200),
+        ("DELETE", "/objects/k?collection=app-1", None, 200),
+        ("GET", "/objects/k?collection=config", None, 200),
+        ("GET", "/objects?collection=config", None, 200),
+        ("PUT", "/objects?collection=config", put, 403),
+        ("DELETE", "/objects/k?collection=config", None, 403),
+        ("GET", "/objects/k?collection=secrets", None, 403),
+        ("HEAD", "/objects/k?collection=secrets", None, 403),
+        ("GET", "/objects/k", None, 403),
+        ("GET", "/collections/config", None, 200),
+        ("GET", "/collections/secrets", None, 403),
+        ("DELETE", "/collections/config", None, 403),
+        ("DELETE", "/collections/secrets", None, 403),
+        ("POST", "/batch?collection=config", batch_get, 200),
+        ("POST", "/batch?collection=secrets", batch_get, 403),
+        ("GET", "/changes?collection=config", None, 200),
+        ("GET", "/changes?collection=secrets", None, 403),
+    ];
+    for (method, target, body, web) in matrix {
+        // Missing and unknown tokens: 401, and nothing changes.
+        for token in [None, Some("wrong-secret")] {
+            let resp = call(&s, token, method, target, body);
+            let what = format!("{method} {target} as {token:?}");
+            assert_eq!(resp.status, 401, "{what}");
+            assert_eq!(
+                resp.header("www-authenticate"),
+                Some(r#"Bearer realm="kv""#),
+                "{what}"
+            );
+            if method != "HEAD" {
+                assert_eq!(resp.json()["code"], "unauthorized", "{what}");
+            }
+        }
+        let resp = call(&s, Some("nobody-secret"), method, target, body);
+        assert_eq!(resp.status, 403, "{method} {target} as nobody");
+        let resp = call(&s, Some("web-secret"), method, target, body);
+        assert_eq!(resp.status, web, "{method} {target} as web");
+        if web == 403 && method != "HEAD" {
+            assert_eq!(resp.json()["code"], "forbidden");
+            assert!(resp.header("www-authenticate").is_none());
+        }
+        // Admin may do everything (deletes aside, which would change what later rows see).
+        if method != "DELETE" {
+            let resp = call(&s, Some("ops-secret"), method, target, body);
+            let status = resp.status;
+            assert!(
+                ![401, 403].contains(&status),
+                "{method} {target} as ops: {status}"
+            );
+        }
+    }
+    // The probe needs no token; a wrong method there is still a 405.
+    s.assert_healthy();
+    assert_eq!(s.request("POST", "/health", Some(b"{}")).status, 405);
+    // Nothing a refused request asked for happened.
+    let secrets = call(&s, Some("ops-secret"), "GET", "/collections/secrets", None);
+    assert_eq!(secrets.json()["count"], 1);
+    let resp = call(
+        &s,
+        Some("ops-secret"),
+        "DELETE",
+        "/collections/secrets",
+        None,
+    );
+    assert_eq!(resp.status, 200);
+}
+
+#[test]
+fn a_batch_with_one_forbidden_op_is_refused_whole_with_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = access_file(dir.path());
+    let s = server_with_tokens(dir.path(), &file);
+    let body = json!({"collection": "app-1", "ops": [
+        {"op": "put", "key": "a", "value": 1},
+        {"op": "get", "key": "c", "collection": "config"},
+        {"op": "delete", "key": "c", "collection": "config"},
+    ]})
+    .to_string();
+    let resp = call(&s, Some("web-secret"), "POST", "/batch", Some(&body));
+    assert_eq!(resp.status, 403);
+    let refused = resp.json();
+    assert_eq!(
+        (&refused["code"], &refused["index"]),
+        (&json!("forbidden"), &json!(2))
+    );
+    let list = call(
+        &s,
+        Some("web-secret"),
+        "GET",
+        "/objects?collection=app-1",
+        None,
+    );
+    assert_eq!(list.json()["count"], 0, "nothing was applied");
+    let allowed = json!({"collection": "app-1", "ops": [
+        {"op": "put", "key": "a", "value": 1},
+        {"op": "get", "key": "c", "collection": "config"},
+    ]})
+    .to_string();
+    let resp = call(&s, Some("web-secret"), "POST", "/batch", Some(&allowed));
+    assert_eq!(resp.status, 200);
+}
+
+#[test]
+fn lists_and_the_feed_show_only_readable_collections() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = access_file(dir.path());
+    let s = server_with_tokens(dir.path(), &file);
+    // Revisions 1..=6; web may read 2 (app-1), 4 (config) and 6 (app-2).
+    for (i, c) in ["secrets", "app-1", "default", "config", "secrets", "app-2"]
+        .into_iter()
+        .enumerate()
+    {
+        let body = json!({"key": format!("k{i}"), "value": i}).to_string();
+        let target = format!("/objects?collection={c}");
+        assert_eq!(
+            call(&s, Some("ops-secret"), "PUT", &target, Some(&body)).status,
+            200
+        );
+    }
+    let names = |token| -> Vec<String> {
+        let body = call(&s, Some(token), "GET", "/collections", None).json();
+        body["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("web-secret"), ["app-1", "app-2", "config"]);
+    assert_eq!(names("ops-secret").len(), 5);
+    assert!(names("nobody-secret").is_empty());
+
+    let feed = |query: &str| {
+        call(
+            &s,
+            Some("web-secret"),
+            "GET",
+            &format!("/changes?{query}"),
+            None,
+        )
+        .json()
+    };
+    let revs = |page: &Value| -> Vec<u64> {
+        page["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["rev"].as_u64().unwrap())
+            .collect()
+    };
+    let page = feed("since=0");
+    assert_eq!(
+        (revs(&page), &page["last_rev"], &page["more"]),
+        (vec![2, 4, 6], &json!(6), &json!(false))
+    );
+    let page = feed("since=0&limit=1");
+    assert_eq!(
+        (revs(&page), &page["last_rev"], &page["more"]),
+        (vec![2], &json!(2), &json!(true))
+    );
+    let page = feed("since=2&limit=1");
+    assert_eq!((revs(&page), &page["last_rev"]), (vec![4], &json!(4)));
+    // The feed of every collection is the same whether read at once or followed as a stream.
+    let mut stream = s.events(
+        "/changes?since=0",
+        &[("Authorization", "Bearer web-secret")],
+    );
+    stream.set_timeout(Duration::from_secs(10));
+    let ids: Vec<String> = (0..3).filter_map(|_| stream.next_event()?.id).collect();
+    assert_eq!(ids, ["2", "4", "6"]);
+    // A long-poll of every collection answers with the readable change and skips the other.
+    let poll = {
+        let addr = s.addr();
+        std::thread::spawn(move || {
+            let c = TestServer::client(&addr);
+            let resp = c.request_with(
+                "GET",
+                "/changes?since=6&wait=10",
+                &[("Authorization", "Bearer web-secret")],
+                None,
+            );
+            resp.json()
+        })
+    };
+    let write = |c: &str, k: &str| {
+        let body = json!({"key": k, "value": 0}).to_string();
+        let target = format!("/objects?collection={c}");
+        assert_eq!(
+            call(&s, Some("ops-secret"), "PUT", &target, Some(&body)).status,
+            200
+        );
+    };
+    write("secrets", "later");
+    write("app-1", "later");
+    let page = poll.join().unwrap();
+    assert_eq!((revs(&page), &page["last_rev"]), (vec![8], &json!(8)));
+    let event = stream.next_event().unwrap();
+    assert_eq!(event.id.as_deref(), Some("8"), "the stream skipped 7 too");
+}
+
+#[test]
+fn sighup_brings_in_new_tokens_and_ends_what_revoked_ones_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = access_file(dir.path());
+    let s = server_with_tokens(dir.path(), &file);
+    assert_eq!(
+        call(&s, Some("new-secret"), "GET", "/collections", None).status,
+        401
+    );
+    let mut stream = s.events(
+        "/changes?collection=app-1",
+        &[("Authorization", "Bearer web-secret")],
+    );
+    stream.set_timeout(Duration::from_secs(20));
+
+    let new = json!({"name": "new", "sha256": hash("new-secret"), "collections": {"*": "read"}});
+    let ops = json!({"name": "ops", "sha256": hash("ops-secret"), "admin": true});
+    std::fs::write(&file, file_of(&[&new, &ops])).unwrap();
+    s.signal_hup();
+    wait_for_log(&s, "reloaded", 1);
+    assert_eq!(
+        call(&s, Some("new-secret"), "GET", "/collections", None).status,
+        200
+    );
+    assert_eq!(
+        call(&s, Some("web-secret"), "GET", "/collections", None).status,
+        401
+    );
+    // The stream web opened ends at its next event instead of sending it.
+    let body = json!({"key": "k", "value": 1}).to_string();
+    let target = "/objects?collection=app-1";
+    assert_eq!(
+        call(&s, Some("ops-secret"), "PUT", target, Some(&body)).status,
+        200
+    );
+    assert_eq!(
+        stream.next_event(),
+        None,
+        "a revoked token's stream must end"
+    );
+}
+
+#[test]
+fn the_access_log_names_the_token_never_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = access_file(dir.path());
+    let s = TestServer::start_with(
+        dir.path(),
+        &[
+            ("KV_TOKENS_FILE", file.to_str().unwrap()),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some("web-secret"),
+            "GET",
+            "/objects?collection=app-1",
+            None
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some("nobody-secret"),
+            "GET",
+            "/objects?collection=app-1",
+            None
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        call(&s, Some("wrong-secret"), "GET", "/collections", None).status,
+        401
+    );
+    wait_for_log(&s, "GET /collections 401", 1);
+    let log = s.log();
+    assert!(log.contains("GET /objects 200 (token web)"), "{log}");
+    assert!(log.contains("GET /objects 403 (token nobody)"), "{log}");
+    assert!(!log.contains("secret"), "{log}");
+}
+
+#[test]
+fn operations_need_their_rights_and_the_probes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = json!({"name": "web", "sha256": hash("web-secret"),
+        "collections": {"app-*": "write", "config": "read"}});
+    let ops = json!({"name": "ops", "sha256": hash("ops-secret"), "admin": true});
+    let prom = json!({"name": "prom", "sha256": hash("prom-secret"), "metrics": true});
+    let file = tokens_file(dir.path(), &file_of(&[&web, &ops, &prom]), 0o600);
+    let s = server_with_tokens(dir.path(), &file);
+    for c in ["app-1", "config", "secrets"] {
+        let target = format!("/objects?collection={c}");
+        let put = call(
+            &s,
+            Some("ops-secret"),
+            "PUT",
+            &target,
+            Some(r#"{"key":"k","value":1}"#),
+        );
+        assert_eq!(put.status, 200);
+    }
+    // The probes and the API's description answer without a token.
+    for target in ["/health", "/ready", "/openapi.json"] {
+        assert_eq!(call(&s, None, "GET", target, None).status, 200, "{target}");
+    }
+    // /metrics: admin or the metrics right.
+    assert_eq!(call(&s, None, "GET", "/metrics", None).status, 401);
+    assert_eq!(
+        call(&s, Some("web-secret"), "GET", "/metrics", None).status,
+        403
+    );
+    assert_eq!(
+        call(&s, Some("prom-secret"), "GET", "/metrics", None).status,
+        200
+    );
+    assert_eq!(
+        call(&s, Some("ops-secret"), "GET", "/metrics", None).status,
+        200
+    );
+    // /admin/backup: admin only.
+    assert_eq!(
+        call(&s, Some("web-secret"), "GET", "/admin/backup", None).status,
+        403
+    );
+    assert_eq!(
+        call(&s, Some("prom-secret"), "GET", "/admin/backup", None).status,
+        403
+    );
+    assert_eq!(
+        call(&s, Some("ops-secret"), "GET", "/admin/backup", None).status,
+        200
+    );
+    // /export: read on the collection named; without one, only the readable collections.
+    let export = call(&s, Some("web-secret"), "GET", "/export", None);
+    assert_eq!(export.status, 200);
+    let text = String::from_utf8(export.body).unwrap();
+    assert!(
+        text.contains("\"app-1\"") && text.contains("\"config\""),
+        "{text}"
+    );
+    assert!(!text.contains("secrets"), "{text}");
+    let all = call(&s, Some("ops-secret"), "GET", "/export", None);
+    assert!(String::from_utf8(all.body).unwrap().contains("secrets"));
+    let resp = call(
+        &s,
+        Some("web-secret"),
+        "GET",
+        "/export?collection=secrets",
+        None,
+    );
+    assert_eq!(resp.status, 403);
+    // /import: write on every collection the body names, or nothing is applied.
+    let line = |c: &str| format!("{{\"collection\":\"{c}\",\"key\":\"new\",\"value\":1}}\n");
+    let mixed = line("app-2") + &line("config");
+    assert_eq!(
+        call(&s, Some("web-secret"), "POST", "/import", Some(&mixed)).status,
+        403
+    );
+    let resp = call(
+        &s,
+        Some("ops-secret"),
+        "GET",
+        "/objects/new?collection=app-2",
+        None,
+    );
+    assert_eq!(resp.status, 404, "nothing applied");
+    let ok = call(
+        &s,
+        Some("web-secret"),
+        "POST",
+        "/import",
+        Some(&line("app-2")),
+    );
+    assert_eq!(ok.status, 200);
 }

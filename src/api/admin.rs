@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Answer, Ctx, Name, Req, Resp, Stream, param, push_json_string};
+use crate::auth::{Principal, Right};
 use crate::error::Error;
 use crate::metrics::{CONTENT_TYPE, Snapshot};
 use crate::store::backup::TempFile;
@@ -61,11 +62,18 @@ pub(super) fn backup<'a>(ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> {
 
 /// `GET /export[?collection=C]`: every live object (of C, or of all), one NDJSON line each, from
 /// one read snapshot on a connection of its own, written as it is read.
-pub(super) fn export<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> {
+pub(super) fn export<'a>(
+    req: &Req<'_>,
+    ctx: &'a Ctx<'_>,
+    who: &Principal,
+) -> Result<Answer<'a>, Error> {
     let collection = match param(req.query, "collection", "invalid_collection")? {
         Some(name) if !name.is_empty() => Some(Name::Collection.check(name)?),
         _ => None,
     };
+    who.require(Right::Read, collection.as_deref())?;
+    // Without a collection, a token that may not read everything gets what it may read.
+    let only_readable = (collection.is_none() && !who.can_read_all()).then(|| who.clone());
     let store = ctx.pool.dedicated()?;
     Ok(Answer::Stream(Stream {
         content_type: "application/x-ndjson",
@@ -78,6 +86,12 @@ pub(super) fn export<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, 
                 s.export(
                     collection.as_deref(),
                     |collection, key, value, expires_at| {
+                        if only_readable
+                            .as_ref()
+                            .is_some_and(|w| !w.can_read(collection))
+                        {
+                            return true;
+                        }
                         line.clear();
                         line.push_str(r#"{"collection":"#);
                         push_json_string(&mut line, collection);
@@ -112,7 +126,7 @@ pub(super) fn export<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, 
 /// by line here, so a bad line is a 400 naming it and nothing is applied; then the writer stores
 /// every object in one transaction (after emptying the collections the file names, with
 /// `mode=replace`).
-pub(super) fn import(req: &Req<'_>) -> Result<Answer<'static>, Error> {
+pub(super) fn import(req: &Req<'_>, who: &Principal) -> Result<Answer<'static>, Error> {
     let replace = match param(req.query, "mode", "invalid_mode")?.as_deref() {
         None | Some("merge") => false,
         Some("replace") => true,
@@ -148,7 +162,11 @@ pub(super) fn import(req: &Req<'_>) -> Result<Answer<'static>, Error> {
         if line.trim().is_empty() {
             continue;
         }
-        collections.insert(check_line(line).map_err(bad)?);
+        let collection = check_line(line).map_err(bad)?;
+        if !collections.contains(&collection) {
+            who.require(Right::Write, Some(&collection))?;
+            collections.insert(collection);
+        }
     }
     let replace = if replace {
         collections.into_iter().collect()

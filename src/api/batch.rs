@@ -1,6 +1,7 @@
 //! `POST /batch`: checks every op of a batch before anything runs (so a bad op is a 400 naming its
-//! index and nothing is applied), turns them into one `Op::Batch` that the writer runs all-or-nothing
-//! inside one transaction, and builds the response from the outcomes.
+//! index, an op the token has no right for a 403 naming it, and nothing is applied), turns them
+//! into one `Op::Batch` that the writer runs all-or-nothing inside one transaction, and builds the
+//! response from the outcomes.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -9,6 +10,7 @@ use super::{
     Answer, DEFAULT_COLLECTION, Name, Req, Resp, collection, json_string, json_text, key_from_json,
     object_from_str, present,
 };
+use crate::auth::{Principal, Right};
 use crate::error::Error;
 use crate::writer::{Cond, Op, Outcome, Tags};
 
@@ -44,8 +46,12 @@ enum Kind {
     Check,
 }
 
-/// Checks a batch and prepares it for the writer.
-pub(super) fn batch(req: &Req<'_>, max_ops: usize) -> Result<Answer<'static>, Error> {
+/// Checks a batch, and `who`'s right for each op, and prepares it for the writer.
+pub(super) fn batch(
+    req: &Req<'_>,
+    who: &Principal,
+    max_ops: usize,
+) -> Result<Answer<'static>, Error> {
     // The parameter is checked even when the body's `collection` takes its place: a bad one is the
     // client's mistake either way, and a batch must not run as if it had not been sent.
     let query_default = collection(req.query)?;
@@ -75,13 +81,25 @@ pub(super) fn batch(req: &Req<'_>, max_ops: usize) -> Result<Answer<'static>, Er
     let mut labels = Vec::with_capacity(raw_ops.len());
     for (index, raw) in raw_ops.iter().enumerate() {
         let (kind, op) = parse_op(raw, &default).map_err(|e| e.at_index(index))?;
-        let key = match &op {
-            Op::Put { key, .. }
-            | Op::Delete { key, .. }
-            | Op::Get { key, .. }
-            | Op::Check { key, .. } => json_string(key),
-            _ => String::new(),
+        let (key, collection) = match &op {
+            Op::Put {
+                key, collection, ..
+            }
+            | Op::Delete {
+                key, collection, ..
+            }
+            | Op::Get { key, collection }
+            | Op::Check {
+                key, collection, ..
+            } => (json_string(key), collection.as_str()),
+            _ => (String::new(), ""),
         };
+        let right = match kind {
+            Kind::Put | Kind::Delete => Right::Write,
+            Kind::Get | Kind::Check => Right::Read,
+        };
+        who.require(right, Some(collection))
+            .map_err(|e| Error::from(e).at_index(index))?;
         labels.push((kind, key));
         ops.push(op);
     }

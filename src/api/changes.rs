@@ -5,6 +5,12 @@
 //! that has nothing to send gives its read connection back and parks its own thread in the
 //! `Watch` until a commit touches what it follows, so waiting costs no read connection and no
 //! worker; the number waiting at once is capped by `KV_MAX_WAITERS`.
+//!
+//! A token that may read only some collections and names none gets the feed filtered: entries of
+//! other collections are skipped (within the same snapshot, until `limit` readable ones are found
+//! or `MAX_SKIPPED` were skipped), and `last_rev` still moves past them, so the next `since` misses
+//! nothing readable and never reads them again. An event stream checks before each send that its
+//! token is still in force, so revoking a token (and SIGHUP) ends the streams it opened.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -12,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::{
     Answer, Ctx, Name, Req, Resp, Stream, bool_param, number_param, param, push_json_string,
 };
+use crate::auth::{Principal, Right};
 use crate::error::Error;
 use crate::store::{Change, ChangeKind, Page};
 use crate::watch::{Lease, Wake};
@@ -28,28 +35,41 @@ const MAX_WAIT_SECS: u64 = 60;
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Changes read at a time for an event stream.
 const STREAM_PAGE: usize = 1000;
+/// Most entries of unreadable collections one filtered read skips before it answers with what it
+/// has (`more` then says to ask again), so that one read holds its snapshot for a bounded time.
+const MAX_SKIPPED: usize = 100_000;
 
 /// What a feed request asks for.
 struct Feed {
     since: u64,
     /// `None`: every collection.
     collection: Option<String>,
+    /// Whose feed it is.
+    who: Principal,
+    /// Every collection asked for, but the token may read only some: skip the others.
+    filtered: bool,
     limit: usize,
     wait: Duration,
     values: bool,
 }
 
 impl Feed {
-    fn parse(req: &Req<'_>) -> Result<Feed, Error> {
+    /// The request's parameters; 403 when the token may not read the named collection, or names
+    /// none and may read no collection at all.
+    fn parse(req: &Req<'_>, who: &Principal) -> Result<Feed, Error> {
         let query = req.query;
         let collection = match param(query, "collection", "invalid_collection")? {
             None => None,
             Some(name) if name.is_empty() => None,
             Some(name) => Some(Name::Collection.check(name)?),
         };
+        who.require(Right::Read, collection.as_deref())?;
+        let filtered = collection.is_none() && !who.can_read_all();
         Ok(Feed {
             since: number_param(query, "since", "invalid_since", (0, MAX_SINCE, 0))?,
             collection,
+            who: who.clone(),
+            filtered,
             limit: number_param(
                 query,
                 "limit",
@@ -96,19 +116,44 @@ impl Feed {
             if since > 0 && since < oldest_rev {
                 return Err(Error::Compacted { oldest_rev });
             }
-            Ok(store.changes(
-                since,
-                self.collection.as_deref(),
-                limit,
-                self.values,
-                &mut entry,
-            )?)
+            if !self.filtered {
+                return Ok(store.changes(
+                    since,
+                    self.collection.as_deref(),
+                    limit,
+                    self.values,
+                    &mut entry,
+                )?);
+            }
+            // Filtered: read on past the skipped entries until `limit` readable ones are found.
+            let (mut from, mut found, mut skipped) = (since, 0, 0);
+            loop {
+                let page = store.changes(from, None, limit - found, self.values, |change| {
+                    if self.who.can_read(change.collection) {
+                        found += 1;
+                        entry(change);
+                    } else {
+                        skipped += 1;
+                    }
+                })?;
+                from = page.last_rev;
+                if !page.more || found == limit || skipped >= MAX_SKIPPED {
+                    return Ok(Page {
+                        count: found,
+                        ..page
+                    });
+                }
+            }
         })
     }
 }
 
-pub(super) fn changes<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> {
-    let feed = Feed::parse(req)?;
+pub(super) fn changes<'a>(
+    req: &Req<'_>,
+    ctx: &'a Ctx<'_>,
+    who: &Principal,
+) -> Result<Answer<'a>, Error> {
+    let feed = Feed::parse(req, who)?;
     if req
         .header("accept")
         .is_some_and(|accept| accept.contains("text/event-stream"))
@@ -119,6 +164,10 @@ pub(super) fn changes<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>,
     let mut lease = None;
     let mut waited_in_vain = false;
     loop {
+        // A long-poll outlives a reload: a token revoked meanwhile gets no answer from the feed.
+        if lease.is_some() && !ctx.auth.is_current(&feed.who) {
+            return Err(Error::Unauthorized);
+        }
         let (body, page) = feed.answer(ctx)?;
         // After a wait that timed out (or a stop), this read gives `last_rev` as of the answer.
         if page.count > 0 || waited_in_vain || Instant::now() >= deadline {
@@ -172,6 +221,10 @@ fn send_events(
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     loop {
+        if !ctx.auth.is_current(&feed.who) {
+            log::debug!("GET /changes (stream): its token is no longer in force");
+            return Ok(());
+        }
         let mut events = String::new();
         let read = feed.read(ctx, since, STREAM_PAGE, |change| {
             events.push_str(&format!("id: {}\nevent: change\ndata: ", change.rev));
@@ -195,8 +248,9 @@ fn send_events(
         if page.count > 0 {
             out.write_all(events.as_bytes())?;
             out.flush()?;
-            since = page.last_rev;
         }
+        // Also past entries a filtered read skipped, so they are not read again.
+        since = since.max(page.last_rev);
         if page.more {
             continue;
         }

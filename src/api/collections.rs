@@ -1,13 +1,20 @@
 //! `GET /collections`, `GET /collections/:name` and `DELETE /collections/:name`: counts come from
-//! the counts table (no scan), each with the collection's latest revision.
+//! the counts table (no scan), each with the collection's latest revision. The list shows only
+//! the collections the token may read.
 
 use super::{Answer, Ctx, Name, Resp, json_string, objects::unexpected, push_json_string};
+use crate::auth::Principal;
 use crate::error::Error;
 use crate::writer::{Op, Outcome};
 
-pub(super) fn list(ctx: &Ctx<'_>) -> Result<Resp, Error> {
+pub(super) fn list(ctx: &Ctx<'_>, who: &Principal) -> Result<Resp, Error> {
     let mut list = String::from("[");
-    let count = ctx.pool.get().collections(|name, count, rev| {
+    let mut shown = 0;
+    ctx.pool.get().collections(|name, count, rev| {
+        if !who.can_read(name) {
+            return;
+        }
+        shown += 1;
         if list.len() > 1 {
             list.push(',');
         }
@@ -17,7 +24,7 @@ pub(super) fn list(ctx: &Ctx<'_>) -> Result<Resp, Error> {
     })?;
     list.push(']');
     Ok(Resp::ok(format!(
-        r#"{{"count":{count},"collections":{list}}}"#
+        r#"{{"count":{shown},"collections":{list}}}"#
     )))
 }
 

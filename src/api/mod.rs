@@ -8,6 +8,12 @@
 //! own file (`objects`, `collections`, `changes`, `batch`); `openapi` serves the description of
 //! them all, whose tests read this table.
 //!
+//! Access is checked here, in the routing table, so that one screen shows what every route needs:
+//! the bearer token is looked up once per request, every route but `/health` needs a known one
+//! (401), and each route names the right it needs on the collection it touches (403). Only what
+//! a route cannot know before it reads its body or its data is checked further down: the ops of
+//! a batch (batch.rs), and which collections `/collections` and `/changes` may show.
+//!
 //! Values travel as the JSON text the client sent: a PUT checks the syntax and stores the text, a GET
 //! splices the stored text into the response without parsing it again.
 
@@ -27,6 +33,7 @@ use std::sync::atomic::AtomicBool;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::auth::{Auth, AuthError, Principal, Right};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::space::Space;
@@ -41,7 +48,13 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_COLLECTION_BYTES: usize = 256;
 pub use crate::store::DEFAULT_COLLECTION;
 /// The request headers kv reads, lower-case; the HTTP layer hands over only these.
-pub const HEADERS: [&str; 4] = ["if-match", "if-none-match", "accept", "last-event-id"];
+pub const HEADERS: [&str; 5] = [
+    "if-match",
+    "if-none-match",
+    "accept",
+    "last-event-id",
+    "authorization",
+];
 
 /// The request methods kv distinguishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,11 +163,12 @@ impl From<Resp> for Answer<'_> {
     }
 }
 
-/// What a handler may use: the read connections, the waiters' registry, the metrics, and the
-/// limits.
+/// What a handler may use: the read connections, the waiters' registry, the tokens, the metrics,
+/// and the limits.
 pub struct Ctx<'a> {
     pub pool: &'a Pool,
     pub watch: &'a Watch,
+    pub auth: &'a Auth,
     pub metrics: &'a Metrics,
     pub space: &'a Space,
     /// Set once kv is stopping.
@@ -162,8 +176,51 @@ pub struct Ctx<'a> {
     pub max_batch_ops: usize,
 }
 
+/// A request's answer, and who asked: the principal of a known token (for the access log), or
+/// `None` for a request without one (or with open access, a principal without a name).
+pub struct Handled<'a> {
+    pub who: Option<Principal>,
+    pub answer: Result<Answer<'a>, Error>,
+}
+
 /// Routes one request and runs it (reads) or prepares it for the writer (writes).
-pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> {
+pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Handled<'a> {
+    let who = ctx
+        .auth
+        .authenticate(req.header("authorization").as_deref());
+    let answer = route(req, ctx, &who);
+    Handled {
+        who: who.ok(),
+        answer,
+    }
+}
+
+/// The principal of a request with a known token, or 401.
+fn known(who: &Result<Principal, AuthError>) -> Result<&Principal, Error> {
+    who.as_ref().map_err(|_| Error::Unauthorized)
+}
+
+/// 401 without a known token; 403 unless it has `right` on the request's `?collection=`.
+fn may(who: &Result<Principal, AuthError>, right: Right, req: &Req<'_>) -> Result<(), Error> {
+    let who = known(who)?;
+    Ok(who.require(right, Some(&collection(req.query)?))?)
+}
+
+/// 401 without a known token; 403 unless it has `right` on the collection named in the path.
+fn may_on_path(
+    who: &Result<Principal, AuthError>,
+    right: Right,
+    encoded_name: &str,
+) -> Result<(), Error> {
+    let who = known(who)?;
+    Ok(who.require(right, Some(&Name::Collection.parse_path(encoded_name)?))?)
+}
+
+fn route<'a>(
+    req: &Req<'_>,
+    ctx: &'a Ctx<'_>,
+    who: &Result<Principal, AuthError>,
+) -> Result<Answer<'a>, Error> {
     let path = req
         .path
         .strip_prefix('/')
@@ -172,6 +229,11 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
         Some((first, rest)) => (first, Some(rest)),
         None => (path, None),
     };
+    // Every route but the probes and the API's description needs a known token before anything
+    // else is looked at.
+    if !matches!((first, rest), ("health" | "ready" | "openapi.json", None)) {
+        known(who)?;
+    }
     match (first, rest) {
         ("health", None) => match req.method {
             Method::Get | Method::Head => health(&ctx.pool.get()).map(Answer::from),
@@ -182,52 +244,81 @@ pub fn handle<'a>(req: &Req<'_>, ctx: &'a Ctx<'_>) -> Result<Answer<'a>, Error> 
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("objects", None | Some("")) => match req.method {
-            Method::Get | Method::Head => list::list(req, ctx),
-            Method::Put => objects::put(req),
+            Method::Get | Method::Head => {
+                may(who, Right::Read, req)?;
+                list::list(req, ctx)
+            }
+            Method::Put => {
+                may(who, Right::Write, req)?;
+                objects::put(req)
+            }
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, PUT",
             }),
         },
         ("objects", Some(encoded_key)) => match req.method {
-            Method::Get | Method::Head => objects::get(req, ctx, encoded_key).map(Answer::from),
-            Method::Delete => objects::delete(req, encoded_key),
+            Method::Get | Method::Head => {
+                may(who, Right::Read, req)?;
+                objects::get(req, ctx, encoded_key).map(Answer::from)
+            }
+            Method::Delete => {
+                may(who, Right::Write, req)?;
+                objects::delete(req, encoded_key)
+            }
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
             }),
         },
         ("collections", None | Some("")) => match req.method {
-            Method::Get | Method::Head => collections::list(ctx).map(Answer::from),
+            // Lists only the collections the token may read.
+            Method::Get | Method::Head => collections::list(ctx, known(who)?).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("collections", Some(encoded_name)) => match req.method {
-            Method::Get | Method::Head => collections::count(ctx, encoded_name).map(Answer::from),
-            Method::Delete => collections::delete(encoded_name),
+            Method::Get | Method::Head => {
+                may_on_path(who, Right::Read, encoded_name)?;
+                collections::count(ctx, encoded_name).map(Answer::from)
+            }
+            Method::Delete => {
+                may_on_path(who, Right::Write, encoded_name)?;
+                collections::delete(encoded_name)
+            }
             _ => Err(Error::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE",
             }),
         },
+        // Each op needs its own right on its own collection, checked as the ops are read.
         ("batch", None) => match req.method {
-            Method::Post => batch::batch(req, ctx.max_batch_ops),
+            Method::Post => batch::batch(req, known(who)?, ctx.max_batch_ops),
             _ => Err(Error::MethodNotAllowed { allow: "POST" }),
         },
         ("admin", Some("backup")) => match req.method {
-            Method::Get => admin::backup(ctx),
+            Method::Get => {
+                known(who)?.require(Right::Admin, None)?;
+                admin::backup(ctx)
+            }
             _ => Err(Error::MethodNotAllowed { allow: "GET" }),
         },
+        // Read on the named collection, or, without one, only the collections the token may read.
         ("export", None) => match req.method {
-            Method::Get | Method::Head => admin::export(req, ctx),
+            Method::Get | Method::Head => admin::export(req, ctx, known(who)?),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
+        // Write on every collection the file names, checked as its lines are read.
         ("import", None) => match req.method {
-            Method::Post => admin::import(req),
+            Method::Post => admin::import(req, known(who)?),
             _ => Err(Error::MethodNotAllowed { allow: "POST" }),
         },
         ("metrics", None) => match req.method {
-            Method::Get | Method::Head => admin::metrics(ctx).map(Answer::from),
+            Method::Get | Method::Head => {
+                known(who)?.require(Right::Metrics, None)?;
+                admin::metrics(ctx).map(Answer::from)
+            }
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
+        // Read on the named collection, or, without one, only the changes of readable collections.
         ("changes", None) => match req.method {
-            Method::Get | Method::Head => changes::changes(req, ctx),
+            Method::Get | Method::Head => changes::changes(req, ctx, known(who)?),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("openapi.json", None) => match req.method {
@@ -520,6 +611,7 @@ pub(super) mod tests {
         _dir: tempfile::TempDir,
         pool: Pool,
         watch: std::sync::Arc<Watch>,
+        auth: Auth,
         metrics: std::sync::Arc<Metrics>,
         space: std::sync::Arc<Space>,
         writer: Option<Writer>,
@@ -528,6 +620,18 @@ pub(super) mod tests {
 
     impl Harness {
         pub(super) fn new() -> Harness {
+            Harness::with_auth(Auth::open())
+        }
+
+        /// A harness whose requests need a token of `tokens` (a tokens file's text).
+        pub(super) fn with_tokens(tokens: &str) -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("tokens.json");
+            std::fs::write(&file, tokens).unwrap();
+            Harness::with_auth(Auth::from_file(&file).unwrap())
+        }
+
+        fn with_auth(auth: Auth) -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("kv.sqlite3");
             let mut w = Store::open(&path, Sync::Normal).unwrap();
@@ -542,6 +646,7 @@ pub(super) mod tests {
             Harness {
                 pool: Pool::open(&path, Sync::Normal, 2).unwrap(),
                 watch,
+                auth,
                 metrics,
                 space,
                 _dir: dir,
@@ -578,7 +683,10 @@ pub(super) mod tests {
             };
             match self.run(&req) {
                 Ok(resp) => (resp.status, json(&resp.body), resp.headers),
-                Err(e) => (e.status(), json(&e.body()), Vec::new()),
+                Err(e) => {
+                    let headers = e.headers().map(|(n, v)| (n, v.to_string()));
+                    (e.status(), json(&e.body()), headers.into_iter().collect())
+                }
             }
         }
 
@@ -587,12 +695,13 @@ pub(super) mod tests {
             let ctx = Ctx {
                 pool: &self.pool,
                 watch: &self.watch,
+                auth: &self.auth,
                 metrics: &self.metrics,
                 space: &self.space,
                 stopping: &AtomicBool::new(false),
                 max_batch_ops: 5,
             };
-            match handle(req, &ctx)? {
+            match handle(req, &ctx).answer? {
                 Answer::Now(resp) => Ok(resp),
                 Answer::AfterCommit(op, finish) => {
                     finish(self.submitter.as_ref().unwrap().write(op)?)
@@ -991,5 +1100,211 @@ pub(super) mod tests {
             assert_eq!(parsed, s);
             assert_eq!(json_string(s), out[1..]);
         }
+    }
+
+    /// A tokens file: `web` writes `app-*` and reads `config`, `ops` is admin, `nobody` has no right.
+    fn tokens() -> String {
+        use crate::auth::sha256_hex;
+        json!({"tokens": [
+            {"name": "web", "sha256": sha256_hex("web-secret"),
+             "collections": {"app-*": "write", "config": "read"}},
+            {"name": "ops", "sha256": sha256_hex("ops-secret"), "admin": true},
+            {"name": "nobody", "sha256": sha256_hex("nobody-secret")},
+        ]})
+        .to_string()
+    }
+
+    const WEB: (&str, &str) = ("authorization", "Bearer web-secret");
+    const OPS: (&str, &str) = ("authorization", "Bearer ops-secret");
+    const NOBODY: (&str, &str) = ("authorization", "Bearer nobody-secret");
+
+    fn status_as(h: &Harness, who: (&'static str, &str), method: Method, target: &str) -> u16 {
+        let body = match method {
+            Method::Put => r#"{"key":"k","value":1}"#,
+            Method::Post => r#"{"ops":[{"op":"get","key":"k"}]}"#,
+            _ => "",
+        };
+        h.call_with(method, target, &[who], body).0
+    }
+
+    #[test]
+    fn every_route_but_health_needs_a_known_token() {
+        let h = Harness::with_tokens(&tokens());
+        let routes = [
+            (Method::Get, "/objects/k?collection=app-1"),
+            (Method::Head, "/objects/k?collection=app-1"),
+            (Method::Put, "/objects?collection=app-1"),
+            (Method::Delete, "/objects/k?collection=app-1"),
+            (Method::Get, "/objects?collection=app-1"),
+            (Method::Get, "/collections"),
+            (Method::Get, "/collections/app-1"),
+            (Method::Delete, "/collections/app-1"),
+            (Method::Post, "/batch"),
+            (Method::Get, "/changes"),
+            (Method::Get, "/nope"),
+            (Method::Post, "/objects/k"),
+        ];
+        for (method, target) in routes {
+            for header in [None, Some("Bearer wrong"), Some("web-secret"), Some("")] {
+                let headers: Vec<_> = header.map(|v| ("authorization", v)).into_iter().collect();
+                let (status, body, resp_headers) = h.call_with(method, target, &headers, "");
+                assert_eq!(
+                    (status, body["code"].as_str()),
+                    (401, Some("unauthorized")),
+                    "{method:?} {target} {header:?}"
+                );
+                assert!(
+                    resp_headers
+                        .iter()
+                        .any(|(n, v)| *n == "WWW-Authenticate" && v == r#"Bearer realm="kv""#)
+                );
+            }
+        }
+        assert_eq!(h.call(Method::Get, "/health", "").0, 200);
+        assert_eq!(h.call(Method::Post, "/health", "").0, 405);
+    }
+
+    #[test]
+    fn each_route_needs_its_right_on_its_collection() {
+        let h = Harness::with_tokens(&tokens());
+        // (method, target, web may, nobody may); ops (admin) may do everything.
+        let matrix = [
+            (Method::Put, "/objects?collection=app-1", true),
+            (Method::Get, "/objects/k?collection=app-1", true),
+            (Method::Head, "/objects/k?collection=app-1", true),
+            (Method::Get, "/objects?collection=app-1", true),
+            (Method::Delete, "/objects/k?collection=app-1", true),
+            (Method::Get, "/objects/k?collection=config", true),
+            (Method::Get, "/objects?collection=config", true),
+            (Method::Put, "/objects?collection=config", false),
+            (Method::Delete, "/objects/k?collection=config", false),
+            (Method::Get, "/objects/k", false),
+            (Method::Put, "/objects", false),
+            (Method::Get, "/objects/k?collection=app", false),
+            (Method::Get, "/collections/config", true),
+            (Method::Get, "/collections/app-2", true),
+            (Method::Get, "/collections/secrets", false),
+            (Method::Delete, "/collections/config", false),
+            (Method::Delete, "/collections/secrets", false),
+            (Method::Get, "/changes?collection=config", true),
+            (Method::Get, "/changes?collection=secrets", false),
+        ];
+        for (method, target, web_may) in matrix {
+            for (who, may) in [(WEB, web_may), (NOBODY, false), (OPS, true)] {
+                let status = status_as(&h, who, method, target);
+                if may {
+                    assert_ne!(status, 403, "{} {method:?} {target}", who.1);
+                    assert_ne!(status, 401, "{} {method:?} {target}", who.1);
+                } else {
+                    assert_eq!(status, 403, "{} {method:?} {target}", who.1);
+                }
+            }
+        }
+        let (status, body, _) =
+            h.call_with(Method::Put, "/objects?collection=config", &[WEB], r#"{}"#);
+        assert_eq!(
+            (status, body),
+            (
+                403,
+                json!({"error": "this token may not write collection \"config\"", "code": "forbidden"})
+            )
+        );
+    }
+
+    #[test]
+    fn a_batch_needs_every_ops_right_and_names_the_first_it_lacks() {
+        let h = Harness::with_tokens(&tokens());
+        let body = r#"{"collection":"app-1","ops":[
+            {"op":"put","key":"a","value":1},
+            {"op":"get","key":"c","collection":"config"},
+            {"op":"put","key":"c","value":2,"collection":"config"},
+            {"op":"delete","key":"x","collection":"secrets"}]}"#;
+        let (status, resp, _) = h.call_with(Method::Post, "/batch", &[WEB], body);
+        assert_eq!(
+            (status, &resp["code"], &resp["index"]),
+            (403, &json!("forbidden"), &json!(2)),
+            "{resp}"
+        );
+        assert!(resp["error"].as_str().unwrap().starts_with("op 2: "));
+        let (_, list, _) = h.call_with(Method::Get, "/objects?collection=app-1", &[WEB], "");
+        assert_eq!(list["count"], 0, "nothing applied");
+        let (status, _, _) = h.call_with(Method::Post, "/batch", &[OPS], body);
+        assert_eq!(status, 200);
+        let check = r#"{"ops":[{"op":"check","key":"k","if_rev":0,"collection":"secrets"}]}"#;
+        let (status, resp, _) = h.call_with(Method::Post, "/batch", &[WEB], check);
+        assert_eq!((status, &resp["index"]), (403, &json!(0)));
+    }
+
+    #[test]
+    fn collections_lists_only_what_the_token_may_read() {
+        let h = Harness::with_tokens(&tokens());
+        for c in ["app-1", "app-2", "config", "secrets", "default"] {
+            let (status, _, _) = h.call_with(
+                Method::Put,
+                &format!("/objects?collection={c}"),
+                &[OPS],
+                r#"{"key":"k","value":1}"#,
+            );
+            assert_eq!(status, 200);
+        }
+        let names = |who| {
+            let (status, body, _) = h.call_with(Method::Get, "/collections", &[who], "");
+            assert_eq!(status, 200);
+            let names: Vec<String> = body["collections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_string())
+                .collect();
+            assert_eq!(body["count"], names.len());
+            names
+        };
+        assert_eq!(names(WEB), ["app-1", "app-2", "config"]);
+        assert_eq!(names(OPS).len(), 5);
+        assert!(names(NOBODY).is_empty());
+    }
+
+    #[test]
+    fn the_feed_of_every_collection_skips_what_the_token_may_not_read() {
+        let h = Harness::with_tokens(&tokens());
+        // Revisions 1..=7; web may read 2, 4 and 7.
+        let collections = [
+            "secrets", "app-1", "secrets", "config", "default", "secrets", "app-2",
+        ];
+        for (i, c) in collections.into_iter().enumerate() {
+            // A new key each time, so that every revision stays in the feed.
+            let body = json!({"key": format!("k{i}"), "value": c}).to_string();
+            let target = format!("/objects?collection={c}");
+            assert_eq!(h.call_with(Method::Put, &target, &[OPS], &body).0, 200);
+        }
+        let feed = |who, query: &str| {
+            let (status, body, _) =
+                h.call_with(Method::Get, &format!("/changes?{query}"), &[who], "");
+            assert_eq!(status, 200, "{body}");
+            let revs: Vec<u64> = body["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["rev"].as_u64().unwrap())
+                .collect();
+            (
+                revs,
+                body["last_rev"].as_u64().unwrap(),
+                body["more"].clone(),
+            )
+        };
+        assert_eq!(feed(OPS, "since=0").0.len(), 7);
+        assert_eq!(feed(WEB, "since=0"), (vec![2, 4, 7], 7, json!(false)));
+        assert_eq!(feed(WEB, "since=0&limit=2"), (vec![2, 4], 4, json!(true)));
+        assert_eq!(feed(WEB, "since=4&limit=2"), (vec![7], 7, json!(false)));
+        // Only unreadable entries after `since`: none shown, but `last_rev` moves past them.
+        assert_eq!(feed(WEB, "since=4&limit=1"), (vec![7], 7, json!(false)));
+        assert_eq!(feed(WEB, "since=7"), (vec![], 7, json!(false)));
+        assert_eq!(
+            feed(WEB, "since=0&collection=config"),
+            (vec![4], 4, json!(false))
+        );
+        let (status, body, _) = h.call_with(Method::Get, "/changes", &[NOBODY], "");
+        assert_eq!((status, &body["code"]), (403, &json!("forbidden")));
     }
 }
