@@ -80,6 +80,16 @@
 
       vmTest =
         pkgs:
+        let
+          # The tokens files of the test: admin tokens `first-secret`, then also `second-secret`.
+          # They hold hashes only, so their copies in the store give nothing away.
+          admin = name: {
+            inherit name;
+            sha256 = builtins.hashString "sha256" "${name}-secret";
+            admin = true;
+          };
+          tokensFile = names: builtins.toJSON { tokens = map admin names; };
+        in
         pkgs.testers.runNixOSTest {
           name = "kv";
           nodes.machine =
@@ -87,28 +97,70 @@
             {
               imports = [ self.nixosModules.default ];
               services.kv.enable = true;
+              services.kv.tokensFile = "/etc/kv/tokens.json";
+              # `mode` makes these root-only files rather than links into the store.
+              environment.etc."kv/tokens.json" = {
+                text = tokensFile [ "first" ];
+                mode = "0600";
+              };
+              environment.etc."kv/tokens-next.json" = {
+                text = tokensFile [
+                  "first"
+                  "second"
+                ];
+                mode = "0600";
+              };
               environment.systemPackages = [ pkgs.curl ];
             };
           testScript = ''
             import json
 
             url = "http://127.0.0.1:3300"
+            auth = "-H 'Authorization: Bearer first-secret'"
 
             def get_value(key):
-                body = machine.succeed(f"curl --fail --silent {url}/objects/{key}")
+                body = machine.succeed(f"curl --fail --silent {auth} {url}/objects/{key}")
                 return json.loads(body)["value"]
+
+            def http_status(args):
+                return machine.succeed(
+                    f"curl --silent --output /dev/null --write-out '%{{http_code}}' {args}"
+                ).strip()
+
+            def main_pid():
+                return machine.succeed("systemctl show --property=MainPID --value kv.service").strip()
 
             machine.wait_for_unit("kv.service")
             machine.wait_for_open_port(3300)
             machine.succeed(f"curl --fail --silent {url}/health")
 
+            with subtest("without a token: 401; with one: 200; /health needs none"):
+                assert http_status(f"{url}/collections") == "401"
+                head = machine.succeed(f"curl --silent --include {url}/collections").lower()
+                assert 'www-authenticate: bearer realm="kv"' in head, head
+                assert http_status(f"{auth} {url}/collections") == "200"
+                assert http_status(f"{url}/health") == "200"
+
             with subtest("PUT then GET returns the value"):
                 machine.succeed(
-                    "curl --fail --silent -X PUT -H 'Content-Type: application/json' "
+                    f"curl --fail --silent -X PUT {auth} -H 'Content-Type: application/json' "
                     + """--data '{"key": "greeting", "value": {"text": "hello"}}' """
                     + f"{url}/objects"
                 )
                 assert get_value("greeting") == {"text": "hello"}
+
+            with subtest("systemctl reload brings in a new token, without a restart"):
+                second = f"-H 'Authorization: Bearer second-secret' {url}/objects/greeting"
+                assert http_status(second) == "401"
+                pid = main_pid()
+                machine.succeed("cp /etc/kv/tokens-next.json /etc/kv/tokens.json")
+                machine.succeed("systemctl reload kv.service")
+                # kv re-reads the file on its own thread, just after systemctl returns.
+                machine.wait_until_succeeds(
+                    f"curl --fail --silent --output /dev/null {second}", timeout=30
+                )
+                assert main_pid() == pid, "reload restarted kv"
+                assert http_status(f"{auth} {url}/collections") == "200"
 
             with subtest("kv does not run as root"):
                 pid = machine.succeed("systemctl show --property=MainPID --value kv.service").strip()

@@ -34,8 +34,12 @@ let
     "KV_SYNC"
     "KV_MAX_BODY_BYTES"
     "KV_WORKERS"
+    "KV_TOKENS_FILE"
     "RUST_LOG"
   ];
+
+  # The name of the tokens file among the unit's credentials (`LoadCredential=`).
+  tokensCredential = "tokens.json";
 
   isLoopback =
     host:
@@ -70,8 +74,9 @@ in
       example = "0.0.0.0";
       description = ''
         Address kv listens on (`KV_HOST`): an IP address or a host name.
-        kv has no authentication: on anything but a loopback address every client that can reach
-        it can read and write all data, so put an authenticating reverse proxy in front of it.
+        On anything but a loopback address, set {option}`services.kv.tokensFile`: without it every
+        client that can reach kv can read and write all data. kv speaks plain HTTP; put a TLS
+        reverse proxy in front of it when clients reach it over an untrusted network.
       '';
     };
 
@@ -128,6 +133,22 @@ in
       '';
     };
 
+    tokensFile = mkOption {
+      type = types.nullOr types.externalPath;
+      default = null;
+      example = "/run/secrets/kv-tokens.json";
+      description = ''
+        The tokens file (`KV_TOKENS_FILE`): the SHA-256 of each bearer token and its rights, as
+        `kv token new` prints them (see kv's README, Security). With it, every request but
+        `/health` needs `Authorization: Bearer <token>`; without it, access is open.
+
+        Give it as a string, outside the Nix store (the store is world-readable). systemd hands it
+        to kv with `LoadCredential=`, so it may be readable by root only. `systemctl reload kv`
+        copies it again and makes kv re-read it without dropping connections; a file that is
+        missing or invalid then keeps the tokens in force (and kv logs an error).
+      '';
+    };
+
     environment = mkOption {
       type = types.attrsOf types.str;
       default = { };
@@ -163,15 +184,15 @@ in
         message =
           "services.kv.environment sets "
           + lib.concatStringsSep ", " (builtins.filter (name: cfg.environment ? ${name}) ownedVariables)
-          + ", which a typed services.kv option owns: use host, port, sync, maxBodyBytes, workers or "
-          + "logLevel instead (DB_PATH is always ${stateDir}).";
+          + ", which a typed services.kv option owns: use host, port, sync, maxBodyBytes, workers, "
+          + "tokensFile or logLevel instead (DB_PATH is always ${stateDir}).";
       }
     ];
 
-    warnings = lib.optional (!isLoopback cfg.host) (
-      "services.kv.host is \"${cfg.host}\", which is not a loopback address. kv has no authentication: "
-      + "every client that can reach ${hostPort} can read and write all data. "
-      + "Put an authenticating reverse proxy in front of kv, or listen on 127.0.0.1."
+    warnings = lib.optional (!isLoopback cfg.host && cfg.tokensFile == null) (
+      "services.kv.host is \"${cfg.host}\", which is not a loopback address, and services.kv.tokensFile "
+      + "is null: every client that can reach ${hostPort} can read and write all data. "
+      + "Set services.kv.tokensFile, or listen on 127.0.0.1."
     );
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
@@ -193,6 +214,8 @@ in
         KV_SYNC = cfg.sync;
         KV_MAX_BODY_BYTES = toString cfg.maxBodyBytes;
         KV_WORKERS = mkIf (cfg.workers != null) (toString cfg.workers);
+        # %d: systemd's specifier for the unit's credentials directory ($CREDENTIALS_DIRECTORY).
+        KV_TOKENS_FILE = mkIf (cfg.tokensFile != null) "%d/${tokensCredential}";
         RUST_LOG = cfg.logLevel;
       };
 
@@ -200,6 +223,15 @@ in
         ExecStart = lib.getExe cfg.package;
         EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
         Restart = "on-failure";
+
+        # The dynamic user could not read a root-only file; a credential is a private copy of it,
+        # readable by the service alone.
+        LoadCredential = mkIf (cfg.tokensFile != null) [ "${tokensCredential}:${cfg.tokensFile}" ];
+        # `systemctl reload kv`: SIGHUP makes kv re-read its tokens file, connections stay open.
+        # RefreshOnReload (systemd 260 and later; NixOS 26.05 has 260) copies the credential
+        # again first; an older systemd ignores the line, and then only a restart sees a new file.
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        RefreshOnReload = mkIf (cfg.tokensFile != null) "credentials";
 
         # kv finishes the requests in flight and checkpoints the WAL on SIGTERM, within about 5 s.
         KillSignal = "SIGTERM";
