@@ -70,6 +70,8 @@ pub struct Config {
     pub max_waiters: usize,
     /// Bearer tokens and their rights; `None`: access is open.
     pub tokens_file: Option<PathBuf>,
+    /// Origins whose browser pages may call kv (CORS), lower-case; `["*"]` for any; empty: none.
+    pub cors_origins: Vec<String>,
 }
 
 /// What the command line asks for.
@@ -122,6 +124,8 @@ Environment:
   KV_MAX_DB_BYTES      storage quota: database pages in use, in bytes (default: no limit); a write past it gets 507
   KV_CHANGES_RETENTION_SECS  how long GET /changes remembers deletions (default 604800, 7 days)
   KV_MAX_WAITERS       most long-polls and event streams of GET /changes at once (default 1024)
+  KV_CORS_ORIGINS      origins whose web pages may call kv, comma-separated (https://app.example.com),
+                       or * for any; default none: no CORS headers
   RUST_LOG             log filter: error, warn, info (default), debug (one line per request)
 ";
 
@@ -250,6 +254,7 @@ impl Config {
                 Some(f) => Some(PathBuf::from(f)),
                 None => None,
             },
+            cors_origins: parse_origins(env("KV_CORS_ORIGINS").as_deref())?,
         };
         Ok(Command::Run(config))
     }
@@ -270,6 +275,43 @@ impl Config {
 pub fn default_workers() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cpus * DEFAULT_WORKERS_PER_CPU).clamp(2, 64)
+}
+
+/// `KV_CORS_ORIGINS`: `*`, or a comma-separated list of origins (`scheme://host[:port]`, no path),
+/// lower-cased as browsers send them. A malformed entry is an error rather than skipped, because an
+/// origin that can never match would fail in browsers with no word on the server.
+fn parse_origins(raw: Option<&str>) -> Result<Vec<String>, String> {
+    let Some(raw) = raw.map(str::trim).filter(|raw| !raw.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    if raw == "*" {
+        return Ok(vec!["*".to_string()]);
+    }
+    raw.split(',')
+        .map(str::trim)
+        .map(|origin| {
+            let bad = |why: &str| format!("KV_CORS_ORIGINS: {origin:?} {why}");
+            if origin == "*" {
+                return Err(bad("may only stand alone: * allows every origin"));
+            }
+            let (scheme, host) = origin
+                .split_once("://")
+                .ok_or_else(|| bad("is not an origin like https://app.example.com"))?;
+            let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+            if !scheme_ok {
+                return Err(bad("has no valid scheme (like https://)"));
+            }
+            if host.is_empty() || host.contains(['/', '?', '#', ' ', '*']) {
+                return Err(bad(
+                    "must be scheme://host[:port] only, without a path or a trailing /",
+                ));
+            }
+            Ok(origin.to_ascii_lowercase())
+        })
+        .collect()
 }
 
 fn parse_number<T>(name: &str, raw: Option<String>, default: T, min: T, max: T) -> Result<T, String>
@@ -328,6 +370,36 @@ mod tests {
         assert_eq!(c.changes_retention_secs, 604_800);
         assert_eq!(c.max_waiters, 1024);
         assert_eq!(c.tokens_file, None);
+        assert!(c.cors_origins.is_empty());
+    }
+
+    #[test]
+    fn cors_origins_are_a_list_or_a_star() {
+        let origins = |raw: &str| config(&[("KV_CORS_ORIGINS", raw)], &[]).cors_origins;
+        assert_eq!(
+            origins(" https://App.example.com , http://localhost:5173,tauri://localhost"),
+            [
+                "https://app.example.com",
+                "http://localhost:5173",
+                "tauri://localhost"
+            ]
+        );
+        assert_eq!(origins("*"), ["*"]);
+        assert!(origins("").is_empty());
+        for bad in [
+            "https://a.example,*",
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://",
+            "null",
+            "1http://a",
+            "https://a.example,,https://b.example",
+            "https://*.example.com",
+        ] {
+            let err = parse(&[("KV_CORS_ORIGINS", bad)], &[]).unwrap_err();
+            assert!(err.starts_with("KV_CORS_ORIGINS"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -454,6 +526,7 @@ mod tests {
             "KV_CHANGES_RETENTION_SECS",
             "KV_MAX_WAITERS",
             "KV_TOKENS_FILE",
+            "KV_CORS_ORIGINS",
             "RUST_LOG",
         ] {
             assert!(HELP.contains(name), "{name} missing from --help");

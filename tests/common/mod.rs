@@ -373,8 +373,10 @@ fn read_response_with(stream: &mut TcpStream, has_body: bool) -> Response {
         n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
     });
     let mut body = Vec::new();
+    // 1xx, 204 and 304 answers never have a body (RFC 9112 §6.3), whatever their headers say.
+    let bodiless = status == 204 || status == 304 || (100..200).contains(&status);
     match length {
-        _ if !has_body => {}
+        _ if !has_body || bodiless => {}
         _ if chunked => loop {
             let mut size = String::new();
             reader.read_line(&mut size).expect("read chunk size");

@@ -15,6 +15,10 @@
 //! group holding it has committed, then sends the answer. So a write costs two thread wakeups (to
 //! the writer and back) and a read none, where a queue of workers cost four and two; and a request
 //! that waits (for a commit, for changes, for a slow client) holds its own thread and nothing else.
+//!
+//! `cors.rs` holds the CORS policy, which applies to every answer alike.
+
+mod cors;
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -40,6 +44,7 @@ use crate::store::Pool;
 use crate::store::backup::TempFile;
 use crate::watch::Watch;
 use crate::writer::{Submitter, Writer};
+use cors::Cors;
 
 /// Pending connections the kernel keeps before refusing new ones.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -76,6 +81,7 @@ struct Shared {
     metrics: Arc<Metrics>,
     space: Arc<Space>,
     auth: Arc<Auth>,
+    cors: Cors,
     submitter: Submitter,
     max_body_bytes: usize,
     max_batch_ops: usize,
@@ -185,6 +191,7 @@ pub fn serve(
         metrics,
         space,
         auth,
+        cors: Cors::new(&config.cors_origins),
         submitter: writer.submitter(),
         max_body_bytes: config.max_body_bytes,
         max_batch_ops: config.max_batch_ops,
@@ -302,17 +309,27 @@ fn serve_connection<E: std::fmt::Display>(
                 // Counted before the stop flag is read: a stop either waits for this request or
                 // this request sees the flag (both are SeqCst).
                 let _in_flight = InFlight::enter(&shared.in_flight);
+                let header = |name| request.headers().get(name).map(|v| v.as_str());
+                let origin = header("Origin");
+                let mut extra = Extra {
+                    cors: shared.cors.simple(origin),
+                    who: None,
+                    started: Instant::now(),
+                };
                 if shared.stopping.load(Ordering::SeqCst) {
-                    send(
-                        request,
-                        Err(shutting_down()),
-                        None,
-                        Instant::now(),
-                        &shared.metrics,
-                    );
+                    send(request, Err(shutting_down()), &extra, &shared.metrics);
                     return;
                 }
-                if !handle(request, shared) {
+                let options = request.method() == &tiny_http::Method::Options;
+                let asks = header("Access-Control-Request-Method").is_some();
+                if shared.cors.is_preflight(options, origin, asks) {
+                    extra.cors = shared.cors.preflight(origin);
+                    if !send_no_content(request, &extra) {
+                        return;
+                    }
+                    continue;
+                }
+                if !handle(request, shared, extra) {
                     return;
                 }
             }
@@ -322,10 +339,18 @@ fn serve_connection<E: std::fmt::Display>(
     }
 }
 
+/// What every answer to a request carries and logs besides its own status, body and headers.
+struct Extra {
+    /// CORS headers for the request's `Origin`.
+    cors: cors::Headers,
+    /// The name of the request's token, for the access line.
+    who: Option<String>,
+    started: Instant,
+}
+
 /// Handles one request: reads its body, runs it, waits for the commit of a write, answers.
 /// Returns false when the connection must close (after a stream).
-fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
-    let started = Instant::now();
+fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra) -> bool {
     let method = match request.method() {
         tiny_http::Method::Get => Method::Get,
         tiny_http::Method::Head => Method::Head,
@@ -383,21 +408,21 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) -> bool {
         Err(e) => (None, Err(e)),
     };
     // The access line names the token's entry, never the token.
-    let who = who.as_ref().and_then(|who| who.name());
+    extra.who = who.as_ref().and_then(|who| who.name()).map(str::to_string);
     let result = match answer {
         Ok(Answer::Now(resp)) => Ok(resp),
         Err(e) => Err(e),
         Ok(Answer::AfterCommit(op, finish)) => shared.submitter.write(op).and_then(finish),
         Ok(Answer::Stream(stream)) => {
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
-                send_stream(request, stream, who, started, &shared.metrics)
+                send_stream(request, stream, &extra, &shared.metrics)
             })) {
                 log::error!("a stream {}", Error::from_panic(panic));
             }
             return false;
         }
     };
-    send(request, result, who, started, &shared.metrics);
+    send(request, result, &extra, &shared.metrics);
     true
 }
 
@@ -407,15 +432,42 @@ fn by(who: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-/// Sends the answer to a request, and logs it (with the name of its token, `who`).
+/// Answers a CORS preflight: 204 with the CORS headers and nothing else. Written by hand, because
+/// tiny_http would add a `Content-Length`, which a 204 must not carry (RFC 9110 §8.6). Returns
+/// whether the connection can go on.
+fn send_no_content(request: tiny_http::Request, extra: &Extra) -> bool {
+    let line = format!("{} {} 204", request.method(), path_of(request.url()));
+    let mut head = String::from("HTTP/1.1 204 No Content\r\n");
+    for (name, value) in &extra.cors {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = request.into_writer();
+    match out.write_all(head.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => {
+            log::debug!("{line} {:.1?}", extra.started.elapsed());
+            true
+        }
+        Err(e) => {
+            log::debug!("{line}: could not send the response: {e}");
+            false
+        }
+    }
+}
+
+/// The path of a request target, without its query.
+fn path_of(url: &str) -> &str {
+    url.split('?').next().unwrap_or("")
+}
+
+/// Sends the answer to a request, and logs it (with the name of its token).
 fn send(
     request: tiny_http::Request,
     result: Result<Resp, Error>,
-    who: Option<&str>,
-    started: Instant,
+    extra: &Extra,
     metrics: &Metrics,
 ) {
-    let path = request.url().split('?').next().unwrap_or("");
+    let path = path_of(request.url());
     let (status, body, headers) = match result {
         Ok(resp) => (resp.status, resp.body, resp.headers),
         Err(e) => {
@@ -432,8 +484,9 @@ fn send(
             (e.status(), e.body(), headers)
         }
     };
+    let who = by(extra.who.as_deref());
     let line = log::log_enabled!(log::Level::Debug)
-        .then(|| format!("{} {path} {status}{}", request.method(), by(who)));
+        .then(|| format!("{} {path} {status}{who}", request.method()));
     // The whole body is in memory, so always send its Content-Length; tiny_http would otherwise
     // switch to chunked encoding from 32 KiB on.
     let mut response = tiny_http::Response::from_string(body)
@@ -442,10 +495,8 @@ fn send(
     // JSON unless the answer says otherwise.
     let json = (!headers.iter().any(|(name, _)| *name == "Content-Type"))
         .then_some(("Content-Type", "application/json"));
-    for (name, value) in json
-        .into_iter()
-        .chain(headers.iter().map(|(n, v)| (*n, v.as_str())))
-    {
+    let more = headers.iter().chain(&extra.cors);
+    for (name, value) in json.into_iter().chain(more.map(|(n, v)| (*n, v.as_str()))) {
         if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
             response.add_header(header);
         }
@@ -455,11 +506,11 @@ fn send(
         metrics::route_of(path),
     );
     // Counted before sending, so a client that reads /metrics after its answer sees it counted.
-    metrics.request(method, route, status, started.elapsed());
+    metrics.request(method, route, status, extra.started.elapsed());
     let sent = request.respond(response);
     if let Some(line) = line {
         match sent {
-            Ok(()) => log::debug!("{line} {:.1?}", started.elapsed()),
+            Ok(()) => log::debug!("{line} {:.1?}", extra.started.elapsed()),
             Err(e) => log::debug!("{line}: could not send the response: {e}"),
         }
     }
@@ -467,14 +518,8 @@ fn send(
 
 /// Sends a streamed answer: the head, then the body in chunks as the stream writes it, flushed
 /// whenever the stream flushes. Returns when the stream ends or the client has gone.
-fn send_stream(
-    request: tiny_http::Request,
-    stream: Stream<'_>,
-    who: Option<&str>,
-    started: Instant,
-    metrics: &Metrics,
-) {
-    let path = request.url().split('?').next().unwrap_or("").to_string();
+fn send_stream(request: tiny_http::Request, stream: Stream<'_>, extra: &Extra, metrics: &Metrics) {
+    let path = path_of(request.url()).to_string();
     let method = request.method().clone();
     let labels = (
         metrics::method_of(method.as_str()),
@@ -485,7 +530,7 @@ fn send_stream(
         "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n",
         stream.content_type
     );
-    for (name, value) in &stream.headers {
+    for (name, value) in stream.headers.iter().chain(&extra.cors) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
@@ -501,12 +546,12 @@ fn send_stream(
             out.write_all(b"0\r\n\r\n")?;
             out.flush()
         });
-    metrics.request(labels.0, labels.1, 200, started.elapsed());
-    let who = by(who);
+    metrics.request(labels.0, labels.1, 200, extra.started.elapsed());
+    let who = by(extra.who.as_deref());
     match sent {
         Ok(()) => log::debug!(
             "{method} {path} 200{who} (stream) {:.1?}",
-            started.elapsed()
+            extra.started.elapsed()
         ),
         Err(e) => log::debug!("{method} {path} 200{who} (stream) ended: {e}"),
     }
