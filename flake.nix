@@ -30,6 +30,8 @@
               ./Cargo.toml
               ./Cargo.lock
               ./src
+              # tiny_http_fork with kv's patch, through [patch.crates-io] (see Cargo.toml).
+              ./vendor
               (lib.fileset.maybeMissing ./tests)
               (lib.fileset.maybeMissing ./examples)
             ];
