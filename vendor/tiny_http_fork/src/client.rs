@@ -5,7 +5,7 @@ use std::io::Error as IoError;
 use std::io::Result as IoResult;
 use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::str::FromStr;
 
 #[cfg(not(feature = "allow_utf8_headers"))]
@@ -42,6 +42,9 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // kv patch: false if the caller answers read errors itself (see `without_error_answers`)
+    answer_errors: bool,
 }
 
 /// Error that can happen when reading a request.
@@ -55,6 +58,13 @@ pub enum ReadError
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    /// kv patch: `Transfer-Encoding` that cannot frame the body (unknown or repeated codings,
+    /// `chunked` not last) or together with `Content-Length`; reported as `WrongRequestLine`
+    /// before
+    InvalidFraming,
+    /// kv patch: a request line of HTTP/2.0 or later, reported instead of answered with a 505
+    /// when the caller answers read errors itself
+    UnsupportedVersion(HTTPVersion),
 }
 
 impl fmt::Display for ReadError
@@ -73,6 +83,10 @@ impl fmt::Display for ReadError
                 write!(f, "[ExpectationFailed]"),
             Self::ReadIoError(error) => 
                 write!(f, "[ReadIoError] {}", error),
+            Self::InvalidFraming => 
+                write!(f, "[InvalidFraming]"),
+            Self::UnsupportedVersion(version) => 
+                write!(f, "[UnsupportedVersion] {}", version),
         }
     }
 }
@@ -98,7 +112,39 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            answer_errors: true,
         }
+    }
+
+    /// kv patch: a connection over an accepted TCP stream, for a caller that runs its own accept
+    /// loop and keeps a clone of the stream (to close it from another thread, say).
+    pub fn from_tcp(stream: TcpStream) -> ClientConnection
+    {
+        let (read, write) = RefinedTcpStream::new(crate::connection::Connection::from(stream));
+        ClientConnection::new(write, read)
+    }
+
+    /// kv patch: do not answer a request that cannot be read; `next` returns the `ReadError` and
+    /// the caller answers it (the connection ends either way). A request line of HTTP/2.0 or later
+    /// then ends the connection with `ReadError::UnsupportedVersion` too, instead of a 505.
+    pub fn without_error_answers(mut self) -> ClientConnection
+    {
+        self.answer_errors = false;
+        self
+    }
+
+    /// kv patch: blocks until the first byte of the next request has arrived (or was already
+    /// read ahead), so that a caller can tell a connection idle between requests from one whose
+    /// request head is arriving. `Ok(false)`: no request will come (the client closed the
+    /// connection, or the last request ended it); an error is the socket's (a read timeout, say).
+    pub fn wait_for_request(&mut self) -> IoResult<bool>
+    {
+        if self.no_more_requests == true
+        {
+            return Ok(false);
+        }
+
+        self.next_header_source.fill_buf().map(|buf| buf.is_empty() == false)
     }
 
     /// true if the connection is HTTPS
@@ -304,7 +350,7 @@ impl ClientConnection {
                     match e 
                     {
                         request::RequestCreationError::ProtocolViolation => 
-                            ReadError::WrongRequestLine, // 400
+                            ReadError::InvalidFraming, // 400 (kv patch: its own variant)
                         request::RequestCreationError::CreationIoError(e) => 
                             ReadError::ReadIoError(e),
                         request::RequestCreationError::ExpectationFailed => 
@@ -346,6 +392,9 @@ impl Iterator for ClientConnection
             {
                 match &e
                 {
+                    // kv patch: the caller answers
+                    _ if self.answer_errors == false => (),
+
                     ReadError::ProtocolViolation(_err_descr) =>
                     {
                         let writer = self.sink.next().unwrap();
@@ -402,6 +451,13 @@ impl Iterator for ClientConnection
             let rq = rq_res.unwrap();
 
             // checking HTTP version
+            if *rq.http_version() > (1, 1) && self.answer_errors == false
+            {
+                // kv patch: the caller answers; its body is unread, so nothing can follow it
+                self.no_more_requests = true;
+                return Some(Err(ReadError::UnsupportedVersion(rq.http_version().clone())));
+            }
+
             if *rq.http_version() > (1, 1) 
             {
                 let writer = self.sink.next().unwrap();

@@ -484,6 +484,14 @@ impl Headers
             .find(|h: &&mut Header| h.field.equiv(key))
     }
 
+    /// kv patch: every header line, in the order received; `get` returns only the first of a name.
+    #[inline]
+    pub 
+    fn iter(&self) -> impl Iterator<Item = &Header>
+    {
+        self.0.iter()
+    }
+
     #[inline]
     pub 
     fn contains(&self, key: &str) -> bool

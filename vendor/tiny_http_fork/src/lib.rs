@@ -126,7 +126,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use client::ClientConnection;
 use util::{MessagesQueue, MessageQueueSender};
 
 pub use common::{HTTPVersion, Header, Headers, HeaderField, Method, StatusCode, HeaderFieldValue, HeaderError};
@@ -135,8 +134,9 @@ pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
 pub use crate::config::{ ServerConfig, SslConfig };
+// kv patch: nameable, for a caller that runs its own accept loop
+pub use client::{ClientConnection, ReadError};
 
-use crate::client::ReadError;
 use crate::util::TaskPool;
 
 
