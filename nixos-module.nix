@@ -237,7 +237,7 @@ in
         KillSignal = "SIGTERM";
         TimeoutStopSec = "30s";
 
-        # Each connection costs a thread and a file descriptor.
+        # Each connection costs a thread and three file descriptors; kv lowers its cap to fit.
         LimitNOFILE = 65536;
 
         DynamicUser = true;

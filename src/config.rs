@@ -27,6 +27,10 @@ pub const DEFAULT_WORKERS_PER_CPU: usize = 2;
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
 /// Default largest `POST /import` body (1 GiB); it is spooled to disk, never held in memory.
 pub const DEFAULT_MAX_IMPORT_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default time a client has to send a whole request head, from its first byte.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+/// Default connection cap (see README, Concurrency, for what it costs).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default maximum number of ops in one `POST /batch`.
 pub const DEFAULT_MAX_BATCH_OPS: usize = 1000;
 /// Default time the change feed remembers deletions (7 days).
@@ -62,6 +66,8 @@ pub struct Config {
     pub workers: usize,
     pub max_body_bytes: usize,
     pub io_timeout_secs: u64,
+    pub header_timeout_secs: u64,
+    pub max_connections: usize,
     pub max_batch_ops: usize,
     pub max_import_bytes: u64,
     /// The storage quota; `None`: no limit.
@@ -119,6 +125,10 @@ Environment:
   KV_WORKERS           SQLite read connections, requests reading at once (default 2 per CPU)
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
+  KV_HEADER_TIMEOUT_SECS  a request head must arrive within this many seconds of its first byte
+                       (default 10); a slower one gets 408
+  KV_MAX_CONNECTIONS   most open connections (default 4096, fewer if the open files limit is lower);
+                       at the cap a new one closes the longest-waiting idle or slow one
   KV_MAX_BATCH_OPS     most ops in one POST /batch (default 1000); more gets 413
   KV_MAX_IMPORT_BYTES  largest POST /import body in bytes (default 1073741824); larger gets 413
   KV_MAX_DB_BYTES      storage quota: database pages in use, in bytes (default: no limit); a write past it gets 507
@@ -205,6 +215,20 @@ impl Config {
                 DEFAULT_IO_TIMEOUT_SECS,
                 1,
                 86_400,
+            )?,
+            header_timeout_secs: parse_number(
+                "KV_HEADER_TIMEOUT_SECS",
+                env("KV_HEADER_TIMEOUT_SECS"),
+                DEFAULT_HEADER_TIMEOUT_SECS,
+                1,
+                3600,
+            )?,
+            max_connections: parse_number(
+                "KV_MAX_CONNECTIONS",
+                env("KV_MAX_CONNECTIONS"),
+                DEFAULT_MAX_CONNECTIONS,
+                1,
+                1_000_000,
             )?,
             max_batch_ops: parse_number(
                 "KV_MAX_BATCH_OPS",
@@ -366,6 +390,8 @@ mod tests {
         assert!(c.workers >= 2);
         assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(c.io_timeout_secs, 30);
+        assert_eq!(c.header_timeout_secs, 10);
+        assert_eq!(c.max_connections, 4096);
         assert_eq!(c.max_batch_ops, 1000);
         assert_eq!(c.changes_retention_secs, 604_800);
         assert_eq!(c.max_waiters, 1024);
@@ -413,6 +439,8 @@ mod tests {
                 ("KV_WORKERS", "3"),
                 ("KV_MAX_BODY_BYTES", "1024"),
                 ("KV_IO_TIMEOUT_SECS", "5"),
+                ("KV_HEADER_TIMEOUT_SECS", "2"),
+                ("KV_MAX_CONNECTIONS", "64"),
                 ("KV_MAX_BATCH_OPS", "10"),
                 ("KV_CHANGES_RETENTION_SECS", "1"),
                 ("KV_MAX_WAITERS", "0"),
@@ -427,6 +455,8 @@ mod tests {
         assert_eq!(c.workers, 3);
         assert_eq!(c.max_body_bytes, 1024);
         assert_eq!(c.io_timeout_secs, 5);
+        assert_eq!(c.header_timeout_secs, 2);
+        assert_eq!(c.max_connections, 64);
         assert_eq!(c.max_batch_ops, 10);
         assert_eq!(c.changes_retention_secs, 1);
         assert_eq!(c.max_waiters, 0);
@@ -486,6 +516,8 @@ mod tests {
             (("KV_WORKERS", "0"), "KV_WORKERS"),
             (("KV_MAX_BODY_BYTES", "2000000000"), "KV_MAX_BODY_BYTES"),
             (("KV_IO_TIMEOUT_SECS", "0"), "KV_IO_TIMEOUT_SECS"),
+            (("KV_HEADER_TIMEOUT_SECS", "0"), "KV_HEADER_TIMEOUT_SECS"),
+            (("KV_MAX_CONNECTIONS", "0"), "KV_MAX_CONNECTIONS"),
             (("KV_MAX_BATCH_OPS", "x"), "KV_MAX_BATCH_OPS"),
             (
                 ("KV_CHANGES_RETENTION_SECS", "0"),
@@ -520,6 +552,8 @@ mod tests {
             "KV_WORKERS",
             "KV_MAX_BODY_BYTES",
             "KV_IO_TIMEOUT_SECS",
+            "KV_HEADER_TIMEOUT_SECS",
+            "KV_MAX_CONNECTIONS",
             "KV_MAX_BATCH_OPS",
             "KV_MAX_IMPORT_BYTES",
             "KV_MAX_DB_BYTES",

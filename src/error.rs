@@ -31,8 +31,12 @@ pub enum Error {
     MethodNotAllowed { allow: &'static str },
     /// 413: the body or the batch is over its limit.
     TooLarge { code: &'static str, message: String },
-    /// 408: the client stopped sending its body.
-    Timeout,
+    /// 408: the client took too long to send its request; the sentence says which part.
+    Timeout(&'static str),
+    /// 417: an `Expect` header other than `100-continue`.
+    ExpectationFailed,
+    /// 505: a request line of an HTTP version other than 1.0 and 1.1.
+    VersionNotSupported,
     /// 410: the change feed no longer remembers every deletion after the requested revision;
     /// `oldest_rev` is the lowest `since` it accepts now.
     Compacted { oldest_rev: u64 },
@@ -118,7 +122,9 @@ impl Error {
             Error::Forbidden { .. } => 403,
             Error::NotFound { .. } => 404,
             Error::MethodNotAllowed { .. } => 405,
-            Error::Timeout => 408,
+            Error::Timeout(_) => 408,
+            Error::ExpectationFailed => 417,
+            Error::VersionNotSupported => 505,
             Error::Compacted { .. } => 410,
             Error::PreconditionFailed { .. } => 412,
             Error::TooLarge { .. } => 413,
@@ -137,7 +143,9 @@ impl Error {
             Error::Unauthorized => "unauthorized",
             Error::Forbidden { .. } => "forbidden",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
-            Error::Timeout => "request_timeout",
+            Error::Timeout(_) => "request_timeout",
+            Error::ExpectationFailed => "expectation_failed",
+            Error::VersionNotSupported => "http_version_not_supported",
             Error::Compacted { .. } => "changes_compacted",
             Error::InvalidLine { .. } => "invalid_line",
             Error::PreconditionFailed { .. } => "precondition_failed",
@@ -171,7 +179,11 @@ impl Error {
             Error::Unauthorized => "a valid bearer token is required".into(),
             Error::Forbidden { message, .. } => message.clone(),
             Error::MethodNotAllowed { .. } => "method not allowed on this path".into(),
-            Error::Timeout => "timed out reading the request body".into(),
+            Error::Timeout(what) => (*what).into(),
+            Error::ExpectationFailed => {
+                "the Expect header asks for something kv does not do (only 100-continue)".into()
+            }
+            Error::VersionNotSupported => "kv speaks HTTP/1.1 (and HTTP/1.0)".into(),
             Error::Compacted { oldest_rev } => format!(
                 "the change feed has forgotten deletions after this revision; \
                  start over from since=0 (the oldest since accepted now is {oldest_rev})"
@@ -293,6 +305,24 @@ mod tests {
             serde_json::json!({"error": r#"op 3: this token may not write collection "config""#,
                 "code": "forbidden", "index": 3})
         );
+    }
+
+    #[test]
+    fn protocol_errors_have_their_status_and_code() {
+        for (e, status, code) in [
+            (Error::Timeout("too slow"), 408, "request_timeout"),
+            (Error::ExpectationFailed, 417, "expectation_failed"),
+            (
+                Error::VersionNotSupported,
+                505,
+                "http_version_not_supported",
+            ),
+        ] {
+            assert_eq!((e.status(), e.code()), (status, code));
+            let body: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+            assert_eq!(body["code"], code);
+            assert!(body["error"].as_str().is_some_and(|s| !s.is_empty()));
+        }
     }
 
     #[test]

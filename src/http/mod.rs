@@ -7,8 +7,8 @@
 //! accepted socket a read timeout; (2) its connection pool queues a new connection behind busy
 //! threads when many arrive at once (measured: 6 of 300 connections got no answer for 30 s).
 //!
-//! One accept thread takes connections (up to `MAX_CONNECTIONS`, then waits), and each connection
-//! gets its own thread, which parses its requests with tiny_http and runs them itself: HTTP/1.1
+//! One accept thread takes connections, and each connection gets its own thread (with a small
+//! stack), which parses its requests with tiny_http and runs them itself: HTTP/1.1
 //! without pipelining has one request in flight per connection, so that thread would be idle
 //! anyway. A read takes one of `workers` SQLite read connections from a pool for as long as it
 //! reads. A write is handed to the single writer, and the connection thread sleeps until the
@@ -16,19 +16,22 @@
 //! the writer and back) and a read none, where a queue of workers cost four and two; and a request
 //! that waits (for a commit, for changes, for a slow client) holds its own thread and nothing else.
 //!
+//! `conns.rs` keeps the registry of open connections that stops one client from holding them all
+//! (the connection cap, the request-head deadline, and which connection to close for room);
 //! `cors.rs` holds the CORS policy, which applies to every answer alike.
 
+mod conns;
 mod cors;
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,13 +47,25 @@ use crate::store::Pool;
 use crate::store::backup::TempFile;
 use crate::watch::Watch;
 use crate::writer::{Submitter, Writer};
+use conns::{Conn, Conns};
 use cors::Cors;
 
 /// Pending connections the kernel keeps before refusing new ones.
 const LISTEN_BACKLOG: i32 = 1024;
-/// Most connections served at once; past it, accepting pauses until one closes (idle ones close
-/// after `KV_IO_TIMEOUT_SECS`), so a flood costs neither unbounded threads nor file descriptors.
-const MAX_CONNECTIONS: usize = 1024;
+/// Stack of a connection thread. The request path needs far less (see README, Concurrency); a
+/// small stack keeps thousands of open connections cheap in address space.
+const CONNECTION_STACK_BYTES: usize = 256 * 1024;
+/// File descriptors per open connection: tiny_http's reading and writing halves, and the clone
+/// kv keeps to close it.
+const FDS_PER_CONNECTION: u64 = 3;
+/// File descriptors kept for everything else (the database files of every SQLite connection, the
+/// listener, logs); the connection cap leaves them free.
+const FDS_RESERVED: u64 = 256;
+/// How long the accept thread waits for a connection it closed for room to end, before it looks
+/// for another (the wait ends as soon as one does).
+const ROOM_WAIT_MS: u64 = 100;
+/// Least time between two warnings that the connection cap is reached.
+const CAP_WARNING_SECS: u64 = 60;
 /// Largest buffer reserved up front from a declared Content-Length; bigger bodies grow as they arrive.
 const MAX_BODY_PREALLOC_BYTES: usize = 1024 * 1024;
 /// Longest pause after a failed accept (out of file descriptors, say), so errors cannot spin.
@@ -91,6 +106,8 @@ struct Shared {
     stopping: AtomicBool,
     /// Requests received and not yet answered; a stop waits for it to reach zero.
     in_flight: AtomicUsize,
+    /// The open connections.
+    conns: Arc<Conns>,
 }
 
 /// Counts a connection as open until dropped.
@@ -115,34 +132,6 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Counts open connections; `acquire` waits while `MAX_CONNECTIONS` are open.
-#[derive(Default)]
-struct Slots {
-    open: Mutex<usize>,
-    freed: Condvar,
-}
-
-/// One open connection's slot, given back when the connection thread ends, however it ends.
-struct Slot(Arc<Slots>);
-
-impl Slots {
-    fn acquire(slots: &Arc<Slots>) -> Slot {
-        let mut open = slots.open.lock().unwrap_or_else(|e| e.into_inner());
-        while *open >= MAX_CONNECTIONS {
-            open = slots.freed.wait(open).unwrap_or_else(|e| e.into_inner());
-        }
-        *open += 1;
-        Slot(slots.clone())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        *self.0.open.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        self.0.freed.notify_one();
     }
 }
 
@@ -185,6 +174,10 @@ pub fn serve(
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let pool = Pool::open(&config.db_file(), config.sync, config.workers)
         .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
+    let max = max_connections(config.max_connections);
+    let header_timeout = Duration::from_secs(config.header_timeout_secs);
+    let conns = Conns::start(max, header_timeout)
+        .map_err(|e| format!("cannot start the reaper thread: {e}"))?;
     let shared = Arc::new(Shared {
         pool,
         watch,
@@ -199,11 +192,12 @@ pub fn serve(
         spool_dir: config.db_path.clone(),
         stopping: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
+        conns,
     });
     let accept_shared = shared.clone();
     thread::Builder::new()
         .name("kv-accept".into())
-        .spawn(move || accept(listener.into(), &accept_shared, &stops))
+        .spawn(move || accept(&listener, &accept_shared, &stops))
         .map_err(|e| format!("cannot start the accept thread: {e}"))?;
     Ok(Server { shared, addr })
 }
@@ -216,6 +210,8 @@ impl Server {
         self.shared.stopping.store(true, Ordering::SeqCst);
         // Long-polls answer now with what they have, and streams end.
         self.shared.watch.stop();
+        // Connections waiting for a request end now rather than at their timeout.
+        self.shared.conns.close_waiting();
         let deadline = Instant::now() + Duration::from_secs(STOP_GRACE_SECS);
         while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
             if Instant::now() > deadline {
@@ -233,36 +229,68 @@ fn shutting_down() -> Error {
     Error::Unavailable("the server is shutting down".into())
 }
 
-fn accept(listener: tiny_http::Listener, shared: &Arc<Shared>, stops: &Sender<Stop>) {
-    let slots = Arc::new(Slots::default());
-    let no_tls = match tiny_http::SslContextWrap::build_ssl_capabilities(None) {
-        Ok(no_tls) => no_tls,
+/// The connection cap: `KV_MAX_CONNECTIONS`, or fewer if the file descriptor limit (raised to its
+/// hard limit first) leaves room for fewer. Logs what it decided.
+fn max_connections(wanted: usize) -> usize {
+    let fds = match conns::raise_fd_limit() {
+        Ok((fds, Some(before))) => {
+            log::info!("raised the open files limit from {before} to {fds}");
+            fds
+        }
+        Ok((fds, None)) => fds,
         Err(e) => {
-            let _ = stops.send(Stop::Fatal(format!("cannot set up connections: {e}")));
-            return;
+            log::warn!("cannot read or raise the open files limit: {e}");
+            return wanted;
         }
     };
+    let room = fds.saturating_sub(FDS_RESERVED) / FDS_PER_CONNECTION;
+    let max = wanted
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
+        .max(1);
+    // Information, not a warning: the cap still protects kv, it is only lower than asked.
+    if max < wanted {
+        log::info!(
+            "at most {max} connections, not {wanted} (KV_MAX_CONNECTIONS): the open files limit \
+             is {fds} and each connection takes {FDS_PER_CONNECTION} (LimitNOFILE, ulimit -n)"
+        );
+    } else {
+        log::info!("at most {max} connections (open files limit {fds})");
+    }
+    max
+}
+
+/// Takes connections and starts a thread for each. When one more than the cap are open, makes room
+/// before taking the next (see conns.rs); if every connection has a request in progress, the next
+/// ones wait in the kernel's backlog until one ends.
+fn accept(listener: &TcpListener, shared: &Arc<Shared>, stops: &Sender<Stop>) {
+    let conns = &shared.conns;
     let mut backoff_ms = 0;
+    let mut warned: Option<Instant> = None;
     while !shared.stopping.load(Ordering::SeqCst) {
-        let slot = Slots::acquire(&slots);
-        match tiny_http::Server::accept_connection(&listener, &no_tls) {
-            Ok(Some(connection)) => {
+        match listener.accept() {
+            Ok((stream, _)) => {
                 backoff_ms = 0;
                 if shared.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                let shared = shared.clone();
-                let spawned = thread::Builder::new()
-                    .name("kv-conn".into())
-                    .spawn(move || {
-                        let _slot = slot;
-                        serve_connection(connection, &shared);
-                    });
-                if let Err(e) = spawned {
-                    log::warn!("cannot start a connection thread, dropping the connection: {e}");
+                let Some(newcomer) = start_connection(stream, shared) else {
+                    continue;
+                };
+                while conns.count() > conns.max && !shared.stopping.load(Ordering::SeqCst) {
+                    // Once a minute at most: under a flood this would be every connection.
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(CAP_WARNING_SECS))
+                    {
+                        log::warn!(
+                            "{} connections are open, the most allowed (KV_MAX_CONNECTIONS): \
+                             closing those that have waited longest for a request",
+                            conns.max
+                        );
+                        warned = Some(Instant::now());
+                    }
+                    conns.make_room(&newcomer);
+                    conns.wait_for_room(Duration::from_millis(ROOM_WAIT_MS));
                 }
             }
-            Ok(None) => {}
             // The listener's read timeout (it exists for the accepted sockets to inherit) or a
             // client that gave up before we took it: nothing is wrong.
             Err(e)
@@ -293,50 +321,185 @@ fn accept(listener: tiny_http::Listener, shared: &Arc<Shared>, stops: &Sender<St
     }
 }
 
-/// Runs one connection's requests in order, until the client leaves or kv stops.
-fn serve_connection<E: std::fmt::Display>(
-    connection: impl Iterator<Item = Result<tiny_http::Request, E>>,
-    shared: &Shared,
-) {
+/// Registers an accepted connection and starts its thread; on failure the connection is closed.
+/// Returns the connection, for the accept thread to tell it from those it may close for room.
+fn start_connection(stream: TcpStream, shared: &Arc<Shared>) -> Option<Arc<Conn>> {
+    let conn = match stream.try_clone() {
+        Ok(handle) => Arc::new(shared.conns.open(handle)),
+        Err(e) => {
+            log::warn!("cannot keep a handle on a new connection ({e}); closing it");
+            return None;
+        }
+    };
+    let (ours, shared) = (conn.clone(), shared.clone());
+    let connection = tiny_http::ClientConnection::from_tcp(stream).without_error_answers();
+    let spawned = thread::Builder::new()
+        .name("kv-conn".into())
+        .stack_size(CONNECTION_STACK_BYTES)
+        .spawn(move || serve_connection(connection, &conn, &shared));
+    match spawned {
+        Ok(_) => Some(ours),
+        Err(e) => {
+            log::warn!("cannot start a connection thread ({e}); closing the connection");
+            None
+        }
+    }
+}
+
+/// Runs one connection's requests in order, until the client leaves, kv closes it, or kv stops.
+fn serve_connection(mut connection: tiny_http::ClientConnection, conn: &Conn, shared: &Shared) {
     shared
         .metrics
         .open_connections
         .fetch_add(1, Ordering::Relaxed);
     let _open = OpenConnection(&shared.metrics);
-    for parsed in connection {
-        match parsed {
-            Ok(request) => {
-                // Counted before the stop flag is read: a stop either waits for this request or
-                // this request sees the flag (both are SeqCst).
-                let _in_flight = InFlight::enter(&shared.in_flight);
-                let header = |name| request.headers().get(name).map(|v| v.as_str());
-                let origin = header("Origin");
-                let mut extra = Extra {
-                    cors: shared.cors.simple(origin),
-                    who: None,
-                    started: Instant::now(),
-                };
-                if shared.stopping.load(Ordering::SeqCst) {
-                    send(request, Err(shutting_down()), &extra, &shared.metrics);
-                    return;
-                }
-                let options = request.method() == &tiny_http::Method::Options;
-                let asks = header("Access-Control-Request-Method").is_some();
-                if shared.cors.is_preflight(options, origin, asks) {
-                    extra.cors = shared.cors.preflight(origin);
-                    if !send_no_content(request, &extra) {
-                        return;
-                    }
-                    continue;
-                }
-                if !handle(request, shared, extra) {
-                    return;
-                }
+    loop {
+        // Idle (since it was accepted, or since the last answer) until the first byte of the next
+        // request; the socket's read timeout (KV_IO_TIMEOUT_SECS) ends a long wait, and kv may
+        // close it for room.
+        match connection.wait_for_request() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                log::debug!("connection idle too long or gone: {e}");
+                return;
             }
-            // tiny_http has answered a malformed request itself (400) or the client left.
-            Err(e) => log::debug!("connection ended: {e}"),
+        }
+        // A request head is arriving: the reaper gives it KV_HEADER_TIMEOUT_SECS.
+        if !conn.head() {
+            return;
+        }
+        let request = match connection.next() {
+            Some(Ok(request)) => request,
+            Some(Err(e)) => return answer_unreadable(&e, conn),
+            None => return,
+        };
+        // Counted before the stop flag is read: a stop either waits for this request or this
+        // request sees the flag (both are SeqCst).
+        let _in_flight = InFlight::enter(&shared.in_flight);
+        let header = |name| request.headers().get(name).map(|v| v.as_str());
+        let origin = header("Origin");
+        let mut extra = Extra {
+            cors: shared.cors.simple(origin),
+            who: None,
+            started: Instant::now(),
+            close: false,
+        };
+        if !conn.busy() {
+            // The head came in as its deadline passed: answered, but too late to be served.
+            extra.close = true;
+            send(request, Err(head_too_slow()), &extra, &shared.metrics);
+            return;
+        }
+        if shared.stopping.load(Ordering::SeqCst) {
+            extra.close = true;
+            send(request, Err(shutting_down()), &extra, &shared.metrics);
+            return;
+        }
+        let options = request.method() == &tiny_http::Method::Options;
+        let asks = header("Access-Control-Request-Method").is_some();
+        if shared.cors.is_preflight(options, origin, asks) {
+            extra.cors = shared.cors.preflight(origin);
+            if !send_no_content(request, &extra) || !conn.idle() {
+                return;
+            }
+            continue;
+        }
+        if !handle(request, shared, extra) || !conn.idle() {
+            return;
         }
     }
+}
+
+fn head_too_slow() -> Error {
+    Error::Timeout("the request head did not arrive in time (KV_HEADER_TIMEOUT_SECS)")
+}
+
+/// Answers a request that could not be read, on the connection's own socket (tiny_http leaves
+/// that to kv), and ends the connection: after an unreadable request nothing can tell where the
+/// next one would start.
+fn answer_unreadable(e: &tiny_http::ReadError, conn: &Conn) {
+    use tiny_http::ReadError;
+    let error = match e {
+        // kv closed it: the head deadline passed, or another client needed the room.
+        _ if conn.is_closed() => head_too_slow(),
+        ReadError::ReadIoError(io)
+            if matches!(io.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+        {
+            Error::Timeout("the client stopped sending its request (KV_IO_TIMEOUT_SECS)")
+        }
+        // The client closed the connection or reset it: nobody to answer.
+        ReadError::ReadIoError(io) => {
+            log::debug!("connection ended mid-request: {io}");
+            return;
+        }
+        ReadError::ExpectationFailed(_) => Error::ExpectationFailed,
+        ReadError::UnsupportedVersion(_) => Error::VersionNotSupported,
+        ReadError::InvalidFraming => Error::bad_request(
+            "invalid_framing",
+            "Transfer-Encoding must be chunked alone, without Content-Length",
+        ),
+        ReadError::WrongRequestLine
+        | ReadError::WrongHeader(_)
+        | ReadError::ProtocolViolation(_) => Error::bad_request(
+            "invalid_request",
+            "the request line or a header is malformed",
+        ),
+    };
+    log::debug!("unreadable request ({e}): {}", error.status());
+    let response = response(error.status(), error.body(), &[]);
+    if let Err(e) = write_closing(&mut conn.socket(), response, false) {
+        log::debug!("could not answer an unreadable request: {e}");
+    }
+}
+
+/// Writes a response that ends its connection, saying so with `Connection: close` (RFC 9112 §9.6),
+/// a header tiny_http refuses to add itself.
+fn write_closing(
+    out: &mut dyn Write,
+    response: tiny_http::Response<std::io::Cursor<Vec<u8>>>,
+    head_only: bool,
+) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    response.raw_print(
+        &mut bytes,
+        tiny_http::HTTPVersion(1, 1),
+        None,
+        head_only,
+        None,
+    )?;
+    let after_status_line = bytes
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(0, |i| i + 2);
+    bytes.splice(
+        after_status_line..after_status_line,
+        b"Connection: close\r\n".iter().copied(),
+    );
+    out.write_all(&bytes)?;
+    out.flush()
+}
+
+/// A complete response with a JSON body (always with its Content-Length: tiny_http would switch
+/// to chunked encoding from 32 KiB on) and these headers.
+fn response(
+    status: u16,
+    body: String,
+    headers: &[(&'static str, String)],
+) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    let mut response = tiny_http::Response::from_string(body)
+        .with_status_code(status)
+        .with_chunked_threshold(usize::MAX);
+    // JSON unless the answer says otherwise.
+    let json = (!headers.iter().any(|(name, _)| *name == "Content-Type"))
+        .then_some(("Content-Type", "application/json"));
+    let more = headers.iter().map(|(n, v)| (*n, v.as_str()));
+    for (name, value) in json.into_iter().chain(more) {
+        if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
+            response.add_header(header);
+        }
+    }
+    response
 }
 
 /// What every answer to a request carries and logs besides its own status, body and headers.
@@ -346,6 +509,8 @@ struct Extra {
     /// The name of the request's token, for the access line.
     who: Option<String>,
     started: Instant,
+    /// The connection ends after this answer, which then says `Connection: close`.
+    close: bool,
 }
 
 /// Handles one request: reads its body, runs it, waits for the commit of a write, answers.
@@ -474,7 +639,8 @@ fn send(
             if matches!(e, Error::Storage(_)) {
                 metrics.storage_error();
             }
-            if e.status() >= 500 && !matches!(e, Error::TooManyWaiters) {
+            if e.status() >= 500 && !matches!(e, Error::TooManyWaiters | Error::VersionNotSupported)
+            {
                 log::error!("{} {path}: {e}", request.method());
             }
             let headers = e
@@ -487,27 +653,21 @@ fn send(
     let who = by(extra.who.as_deref());
     let line = log::log_enabled!(log::Level::Debug)
         .then(|| format!("{} {path} {status}{who}", request.method()));
-    // The whole body is in memory, so always send its Content-Length; tiny_http would otherwise
-    // switch to chunked encoding from 32 KiB on.
-    let mut response = tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_chunked_threshold(usize::MAX);
-    // JSON unless the answer says otherwise.
-    let json = (!headers.iter().any(|(name, _)| *name == "Content-Type"))
-        .then_some(("Content-Type", "application/json"));
-    let more = headers.iter().chain(&extra.cors);
-    for (name, value) in json.into_iter().chain(more.map(|(n, v)| (*n, v.as_str()))) {
-        if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
-            response.add_header(header);
-        }
-    }
+    let mut headers = headers;
+    headers.extend_from_slice(&extra.cors);
+    let response = response(status, body, &headers);
     let (method, route) = (
         metrics::method_of(request.method().as_str()),
         metrics::route_of(path),
     );
     // Counted before sending, so a client that reads /metrics after its answer sees it counted.
     metrics.request(method, route, status, extra.started.elapsed());
-    let sent = request.respond(response);
+    let sent = if extra.close {
+        let head_only = request.method() == &tiny_http::Method::Head;
+        write_closing(&mut *request.into_writer(), response, head_only)
+    } else {
+        request.respond(response)
+    };
     if let Some(line) = line {
         match sent {
             Ok(()) => log::debug!("{line} {:.1?}", extra.started.elapsed()),
@@ -595,7 +755,9 @@ fn spool_body(request: &mut tiny_http::Request, limit: u64, dir: &Path) -> Resul
         std::io::copy(&mut request.as_reader().take(limit + 1), &mut file).map_err(|e| match e
             .kind()
         {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => Error::Timeout,
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                Error::Timeout("the client stopped sending its import (KV_IO_TIMEOUT_SECS)")
+            }
             _ => Error::bad_request("invalid_body", format!("cannot read the request body: {e}")),
         })?;
     if copied > limit {
@@ -622,7 +784,9 @@ fn read_body(request: &mut tiny_http::Request, limit: usize) -> Result<Vec<u8>, 
         .take(limit as u64 + 1)
         .read_to_end(&mut body)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout,
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                Error::Timeout("the client stopped sending its request body (KV_IO_TIMEOUT_SECS)")
+            }
             _ => Error::bad_request("invalid_body", format!("cannot read the request body: {e}")),
         })?;
     if body.len() > limit {

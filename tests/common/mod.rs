@@ -270,6 +270,20 @@ impl TestServer {
         self.log.lock().unwrap().clone()
     }
 
+    /// kv's resident memory, from /proc (Linux), in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// Sends SIGTERM and waits (up to `within`) for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
         self.signal(libc::SIGTERM);
