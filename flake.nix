@@ -95,11 +95,13 @@
         pkgs.testers.runNixOSTest {
           name = "kv";
           nodes.machine =
-            { pkgs, ... }:
+            { config, pkgs, ... }:
             {
               imports = [ self.nixosModules.default ];
               services.kv.enable = true;
               services.kv.tokensFile = "/etc/kv/tokens.json";
+              services.kv.maxDatabaseBytes = 64 * 1024 * 1024;
+              services.kv.backup.enable = true;
               # `mode` makes these root-only files rather than links into the store.
               environment.etc."kv/tokens.json" = {
                 text = tokensFile [ "first" ];
@@ -112,7 +114,10 @@
                 ];
                 mode = "0600";
               };
-              environment.systemPackages = [ pkgs.curl ];
+              environment.systemPackages = [
+                pkgs.curl
+                config.services.kv.package
+              ];
             };
           testScript = ''
             import json
@@ -163,6 +168,27 @@
                 )
                 assert main_pid() == pid, "reload restarted kv"
                 assert http_status(f"{auth} {url}/collections") == "200"
+
+            with subtest("/ready says ready, with the quota; it needs no token"):
+                ready = json.loads(machine.succeed(f"curl --fail --silent {url}/ready"))
+                assert ready["status"] == "ready", ready
+                assert ready["max_database_bytes"] == 64 * 1024 * 1024, ready
+
+            with subtest("the backup unit writes a copy that restores into a fresh kv"):
+                machine.succeed("systemctl start kv-backup.service")
+                backup = machine.succeed("ls -1 /var/backup/kv/kv-*.sqlite3").split()
+                assert len(backup) == 1, backup
+                machine.succeed(
+                    f"mkdir -p /tmp/restored && kv restore --from {backup[0]} --db-path /tmp/restored"
+                )
+                machine.succeed(
+                    "PORT=3301 DB_PATH=/tmp/restored kv >/tmp/restored.log 2>&1 & "
+                    + "echo $! > /tmp/restored.pid"
+                )
+                machine.wait_for_open_port(3301)
+                body = machine.succeed("curl --fail --silent http://127.0.0.1:3301/objects/greeting")
+                assert json.loads(body)["value"] == {"text": "hello"}
+                machine.succeed("kill $(cat /tmp/restored.pid)")
 
             with subtest("kv does not run as root"):
                 pid = machine.succeed("systemctl show --property=MainPID --value kv.service").strip()

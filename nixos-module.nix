@@ -35,6 +35,7 @@ let
     "KV_MAX_BODY_BYTES"
     "KV_WORKERS"
     "KV_TOKENS_FILE"
+    "KV_MAX_DB_BYTES"
     "RUST_LOG"
   ];
 
@@ -121,6 +122,42 @@ in
       description = ''
         Number of SQLite read connections, i.e. requests reading the database at once (`KV_WORKERS`). `null` leaves kv's own default (2 per CPU).
       '';
+    };
+
+    maxDatabaseBytes = mkOption {
+      type = types.nullOr (types.ints.between 4096 (1024 * 1024 * 1024 * 1024 * 1024));
+      default = null;
+      example = 10 * 1024 * 1024 * 1024;
+      description = ''
+        Storage quota in bytes (`KV_MAX_DB_BYTES`): the database's pages in use. A write that would
+        pass it gets 507 `quota_exceeded`; deletes always work and make room. `null`: no quota.
+      '';
+    };
+
+    backup = {
+      enable = mkEnableOption "online backups of kv's database on a timer (`kv backup`)";
+
+      dir = mkOption {
+        type = types.str;
+        default = "/var/backup/kv";
+        description = ''
+          Directory of the backups, `kv-<date>.sqlite3` each, readable by root only. Restore one
+          with `kv restore --from FILE --db-path /var/lib/kv` while kv.service is stopped.
+        '';
+      };
+
+      startAt = mkOption {
+        type = with types; either str (listOf str);
+        default = "daily";
+        example = "*-*-* 03:15:00";
+        description = "When to back up, as a systemd calendar event (see {manpage}`systemd.time(7)`).";
+      };
+
+      keep = mkOption {
+        type = types.ints.positive;
+        default = 7;
+        description = "How many of the newest backups to keep; older ones are removed after each backup.";
+      };
     };
 
     logLevel = mkOption {
@@ -216,6 +253,7 @@ in
         KV_WORKERS = mkIf (cfg.workers != null) (toString cfg.workers);
         # %d: systemd's specifier for the unit's credentials directory ($CREDENTIALS_DIRECTORY).
         KV_TOKENS_FILE = mkIf (cfg.tokensFile != null) "%d/${tokensCredential}";
+        KV_MAX_DB_BYTES = mkIf (cfg.maxDatabaseBytes != null) (toString cfg.maxDatabaseBytes);
         RUST_LOG = cfg.logLevel;
       };
 
@@ -271,6 +309,60 @@ in
           "AF_INET6"
           "AF_UNIX"
         ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+      };
+    };
+
+    # `kv backup` runs as kv's own dynamic user (same name, so the same uid while both run) on a
+    # copy of the state directory's view, and writes the copy there; a privileged step then moves
+    # it into `backup.dir` (which the dynamic user cannot own) and prunes old ones.
+    systemd.services.kv-backup = mkIf cfg.backup.enable {
+      description = "Online backup of kv's database";
+      inherit (cfg.backup) startAt;
+      after = [ "kv.service" ];
+      environment.RUST_LOG = cfg.logLevel;
+      serviceConfig = {
+        Type = "oneshot";
+        User = "kv";
+        Group = "kv";
+        DynamicUser = true;
+        StateDirectory = "kv";
+        StateDirectoryMode = "0700";
+        UMask = "0077";
+        ExecStartPre = "${pkgs.coreutils}/bin/rm -f ${stateDir}/backup-in-progress.sqlite3";
+        ExecStart = "${lib.getExe cfg.package} backup --out ${stateDir}/backup-in-progress.sqlite3 --db-path ${stateDir}";
+        ExecStartPost = "+${pkgs.writeShellScript "kv-backup-keep" ''
+          set -eu
+          install -d -m 0700 ${lib.escapeShellArg cfg.backup.dir}
+          mv /var/lib/private/kv/backup-in-progress.sqlite3 \
+            ${lib.escapeShellArg cfg.backup.dir}/kv-"$(date -u +%Y%m%dT%H%M%SZ)".sqlite3
+          ls -1t ${lib.escapeShellArg cfg.backup.dir}/kv-*.sqlite3 | tail -n +${toString (cfg.backup.keep + 1)} \
+            | xargs -r rm -f --
+        ''}";
+        # The same hardening as kv.service.
+        CapabilityBoundingSet = "";
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        NoNewPrivileges = true;
+        PrivateDevices = true;
+        PrivateNetwork = true;
+        PrivateTmp = true;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHome = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectSystem = "strict";
+        RestrictAddressFamilies = [ "AF_UNIX" ];
         RestrictNamespaces = true;
         RestrictRealtime = true;
         RestrictSUIDSGID = true;
