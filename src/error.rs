@@ -37,6 +37,8 @@ pub enum Error {
     ExpectationFailed,
     /// 505: a request line of an HTTP version other than 1.0 and 1.1.
     VersionNotSupported,
+    /// 501: a `Transfer-Encoding` other than `chunked` alone (RFC 9112 §6.1).
+    TransferCodingNotSupported,
     /// 410: the change feed no longer remembers every deletion after the requested revision;
     /// `oldest_rev` is the lowest `since` it accepts now.
     Compacted { oldest_rev: u64 },
@@ -125,6 +127,7 @@ impl Error {
             Error::Timeout(_) => 408,
             Error::ExpectationFailed => 417,
             Error::VersionNotSupported => 505,
+            Error::TransferCodingNotSupported => 501,
             Error::Compacted { .. } => 410,
             Error::PreconditionFailed { .. } => 412,
             Error::TooLarge { .. } => 413,
@@ -146,6 +149,7 @@ impl Error {
             Error::Timeout(_) => "request_timeout",
             Error::ExpectationFailed => "expectation_failed",
             Error::VersionNotSupported => "http_version_not_supported",
+            Error::TransferCodingNotSupported => "unsupported_transfer_coding",
             Error::Compacted { .. } => "changes_compacted",
             Error::InvalidLine { .. } => "invalid_line",
             Error::PreconditionFailed { .. } => "precondition_failed",
@@ -184,6 +188,9 @@ impl Error {
                 "the Expect header asks for something kv does not do (only 100-continue)".into()
             }
             Error::VersionNotSupported => "kv speaks HTTP/1.1 (and HTTP/1.0)".into(),
+            Error::TransferCodingNotSupported => {
+                "kv takes a request body as it is or chunked (Transfer-Encoding: chunked), no other coding".into()
+            }
             Error::Compacted { oldest_rev } => format!(
                 "the change feed has forgotten deletions after this revision; \
                  start over from since=0 (the oldest since accepted now is {oldest_rev})"
@@ -312,6 +319,11 @@ mod tests {
         for (e, status, code) in [
             (Error::Timeout("too slow"), 408, "request_timeout"),
             (Error::ExpectationFailed, 417, "expectation_failed"),
+            (
+                Error::TransferCodingNotSupported,
+                501,
+                "unsupported_transfer_coding",
+            ),
             (
                 Error::VersionNotSupported,
                 505,

@@ -18,15 +18,17 @@
 //!
 //! `conns.rs` keeps the registry of open connections that stops one client from holding them all
 //! (the connection cap, the request-head deadline, and which connection to close for room);
-//! `cors.rs` holds the CORS policy, which applies to every answer alike.
+//! `framing.rs` refuses requests whose end two parsers could see in two places; `cors.rs` holds the
+//! CORS policy, which applies to every answer alike.
 
 mod conns;
 mod cors;
+mod framing;
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -396,6 +398,16 @@ fn serve_connection(mut connection: tiny_http::ClientConnection, conn: &Conn, sh
             send(request, Err(shutting_down()), &extra, &shared.metrics);
             return;
         }
+        let version = request.http_version();
+        let lines = request.headers().iter();
+        let framing = lines.map(|h| (h.field.as_str().as_str(), h.value.as_str()));
+        if let Err(e) = framing::check((version.0, version.1), framing) {
+            // Nothing of its body is read: it may be the start of a smuggled request.
+            extra.close = true;
+            stop_reading(conn);
+            send(request, Err(e), &extra, &shared.metrics);
+            return;
+        }
         let options = request.method() == &tiny_http::Method::Options;
         let asks = header("Access-Control-Request-Method").is_some();
         if shared.cors.is_preflight(options, origin, asks) {
@@ -405,9 +417,17 @@ fn serve_connection(mut connection: tiny_http::ClientConnection, conn: &Conn, sh
             }
             continue;
         }
-        if !handle(request, shared, extra) || !conn.idle() {
+        if !handle(request, shared, extra, conn) || !conn.idle() {
             return;
         }
+    }
+}
+
+/// Ends the reading side of a connection whose request kv will answer and then close, so that
+/// tiny_http does not read and discard the rest of its body first.
+fn stop_reading(conn: &Conn) {
+    if let Err(e) = conn.socket().shutdown(Shutdown::Read) {
+        log::debug!("closing the reading side: {e}");
     }
 }
 
@@ -514,8 +534,8 @@ struct Extra {
 }
 
 /// Handles one request: reads its body, runs it, waits for the commit of a write, answers.
-/// Returns false when the connection must close (after a stream).
-fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra) -> bool {
+/// Returns false when the connection must close (after a stream, or a body that cannot be read).
+fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra, conn: &Conn) -> bool {
     let method = match request.method() {
         tiny_http::Method::Get => Method::Get,
         tiny_http::Method::Head => Method::Head,
@@ -536,6 +556,25 @@ fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra) ->
     } else {
         Ok(Vec::new())
     };
+    match &body {
+        // A body that stopped or ended short: where the next request would start is unknown.
+        Err(Error::Timeout(_) | Error::BadRequest { .. }) => {
+            extra.close = true;
+            stop_reading(conn);
+        }
+        // Too large: with a Content-Length, tiny_http reads and discards the rest when the
+        // request is dropped, and the connection serves on; the client may have more to send
+        // before it reads the 413, so closing now could lose it. That rest holds no request, so
+        // the connection may be closed for room meanwhile. A chunked body is not discarded, so
+        // its connection ends.
+        Err(Error::TooLarge { .. }) => {
+            conn.idle();
+            if request.body_length().is_none() {
+                extra.close = true;
+            }
+        }
+        _ => {}
+    }
     let ctx = Ctx {
         pool: &shared.pool,
         watch: &shared.watch,
@@ -549,11 +588,16 @@ fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra) ->
     // dropped, on this connection's own thread, so a client trickling a huge body holds nothing
     // that other clients need.
     let handled = body.map(|body| {
-        let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
-        // tiny_http hands out only the first line of a repeated header.
-        let headers = api::HEADERS
+        let target = framing::origin_form(request.url());
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        // Every line of the headers the API reads (several lines of one are one list).
+        let headers = request
+            .headers()
             .iter()
-            .filter_map(|name| Some((*name, request.headers().get(name)?.as_str())))
+            .filter_map(|header| {
+                let name = api::HEADERS.iter().find(|name| header.field.equiv(name))?;
+                Some((*name, header.value.as_str()))
+            })
             .collect();
         let req = Req {
             method,
@@ -620,9 +664,9 @@ fn send_no_content(request: tiny_http::Request, extra: &Extra) -> bool {
     }
 }
 
-/// The path of a request target, without its query.
+/// The path of a request target, without its query (and scheme and host, in absolute form).
 fn path_of(url: &str) -> &str {
-    url.split('?').next().unwrap_or("")
+    framing::origin_form(url).split('?').next().unwrap_or("")
 }
 
 /// Sends the answer to a request, and logs it (with the name of its token).
@@ -639,8 +683,13 @@ fn send(
             if matches!(e, Error::Storage(_)) {
                 metrics.storage_error();
             }
-            if e.status() >= 500 && !matches!(e, Error::TooManyWaiters | Error::VersionNotSupported)
-            {
+            let client_side = matches!(
+                e,
+                Error::TooManyWaiters
+                    | Error::VersionNotSupported
+                    | Error::TransferCodingNotSupported
+            );
+            if e.status() >= 500 && !client_side {
                 log::error!("{} {path}: {e}", request.method());
             }
             let headers = e
@@ -791,6 +840,17 @@ fn read_body(request: &mut tiny_http::Request, limit: usize) -> Result<Vec<u8>, 
         })?;
     if body.len() > limit {
         return Err(too_large());
+    }
+    // tiny_http takes the end of the stream for the end of the body.
+    if declared.is_some_and(|n| body.len() < n) {
+        return Err(Error::bad_request(
+            "invalid_framing",
+            format!(
+                "the connection ended after {} of the {} bytes of Content-Length",
+                body.len(),
+                declared.unwrap_or(0)
+            ),
+        ));
     }
     Ok(body)
 }

@@ -453,9 +453,12 @@ impl Iterator for ClientConnection
             // checking HTTP version
             if *rq.http_version() > (1, 1) && self.answer_errors == false
             {
-                // kv patch: the caller answers; its body is unread, so nothing can follow it
+                // kv patch: the caller answers; its body is unread, so nothing can follow it.
+                // Taking its writer keeps the request from answering 500 when it is dropped.
                 self.no_more_requests = true;
-                return Some(Err(ReadError::UnsupportedVersion(rq.http_version().clone())));
+                let version = rq.http_version().clone();
+                drop(rq.into_writer());
+                return Some(Err(ReadError::UnsupportedVersion(version)));
             }
 
             if *rq.http_version() > (1, 1) 
