@@ -258,6 +258,7 @@ fn requests_the_library_cannot_read_get_json_with_a_documented_code() {
     // And kv's own errors keep their codes, all documented.
     for (method, target, status, code) in [
         ("BREW", "/objects", 405, "method_not_allowed"),
+        ("OPTIONS", "*", 400, "invalid_path"),
         ("GET", "/nope", 404, "not_found"),
         ("GET", "/changes?since=x", 400, "invalid_since"),
     ] {
@@ -320,6 +321,7 @@ fn the_readme_documents_every_code() {
     let codes = documented_codes();
     for code in [
         "invalid_request",
+        "invalid_path",
         "invalid_framing",
         "request_timeout",
         "expectation_failed",
