@@ -21,14 +21,16 @@
 //! `framing.rs` refuses requests whose end two parsers could see in two places; `cors.rs` holds the
 //! CORS policy, which applies to every answer alike.
 
+mod accept;
 mod conns;
 mod cors;
 mod framing;
+mod send;
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,41 +39,23 @@ use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
-
-use crate::api::{self, Answer, Ctx, Handled, Method, Req, Resp, Stream};
+use crate::api::{self, Answer, Ctx, Handled, Method, Req};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::error::Error;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::space::Space;
 use crate::store::Pool;
 use crate::store::backup::TempFile;
 use crate::watch::Watch;
 use crate::writer::{Submitter, Writer};
+use accept::{accept, listen, max_connections};
 use conns::{Conn, Conns};
 use cors::Cors;
+use send::{Extra, response, send, send_no_content, send_stream, write_closing};
 
-/// Pending connections the kernel keeps before refusing new ones.
-const LISTEN_BACKLOG: i32 = 1024;
-/// Stack of a connection thread. The request path needs far less (see README, Concurrency); a
-/// small stack keeps thousands of open connections cheap in address space.
-const CONNECTION_STACK_BYTES: usize = 256 * 1024;
-/// File descriptors per open connection: tiny_http's reading and writing halves, and the clone
-/// kv keeps to close it.
-const FDS_PER_CONNECTION: u64 = 3;
-/// File descriptors kept for everything else (the database files of every SQLite connection, the
-/// listener, logs); the connection cap leaves them free.
-const FDS_RESERVED: u64 = 256;
-/// How long the accept thread waits for a connection it closed for room to end, before it looks
-/// for another (the wait ends as soon as one does).
-const ROOM_WAIT_MS: u64 = 100;
-/// Least time between two warnings that the connection cap is reached.
-const CAP_WARNING_SECS: u64 = 60;
 /// Largest buffer reserved up front from a declared Content-Length; bigger bodies grow as they arrive.
 const MAX_BODY_PREALLOC_BYTES: usize = 1024 * 1024;
-/// Longest pause after a failed accept (out of file descriptors, say), so errors cannot spin.
-const MAX_ACCEPT_BACKOFF_MS: u64 = 1000;
 /// How long a stop waits for the requests in flight to be answered.
 const STOP_GRACE_SECS: u64 = 10;
 
@@ -135,31 +119,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Binds the listening socket with the options every accepted socket inherits: TCP_NODELAY (so a
-/// response's separate header and body writes do not wait ~40 ms for a delayed ACK) and read/write
-/// timeouts (so idle and stalled clients are closed).
-fn listen(config: &Config) -> Result<TcpListener, String> {
-    let target = format!("{}:{}", config.host, config.port);
-    let bracketed = format!("[{}]:{}", config.host, config.port);
-    let addr = target
-        .to_socket_addrs()
-        .or_else(|_| bracketed.to_socket_addrs())
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| format!("cannot resolve the listen address '{}'", config.host))?;
-    let cannot = |e: std::io::Error| format!("cannot listen on {addr}: {e}");
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(cannot)?;
-    let timeout = Some(Duration::from_secs(config.io_timeout_secs));
-    socket.set_reuse_address(true).map_err(cannot)?;
-    socket.set_tcp_nodelay(true).map_err(cannot)?;
-    socket.set_read_timeout(timeout).map_err(cannot)?;
-    socket.set_write_timeout(timeout).map_err(cannot)?;
-    socket.bind(&addr.into()).map_err(cannot)?;
-    socket.listen(LISTEN_BACKLOG).map_err(cannot)?;
-    Ok(socket.into())
 }
 
 /// Binds, opens the read connections and starts the accept thread.
@@ -229,123 +188,6 @@ impl Server {
 
 fn shutting_down() -> Error {
     Error::Unavailable("the server is shutting down".into())
-}
-
-/// The connection cap: `KV_MAX_CONNECTIONS`, or fewer if the file descriptor limit (raised to its
-/// hard limit first) leaves room for fewer. Logs what it decided.
-fn max_connections(wanted: usize) -> usize {
-    let fds = match conns::raise_fd_limit() {
-        Ok((fds, Some(before))) => {
-            log::info!("raised the open files limit from {before} to {fds}");
-            fds
-        }
-        Ok((fds, None)) => fds,
-        Err(e) => {
-            log::warn!("cannot read or raise the open files limit: {e}");
-            return wanted;
-        }
-    };
-    let room = fds.saturating_sub(FDS_RESERVED) / FDS_PER_CONNECTION;
-    let max = wanted
-        .min(usize::try_from(room).unwrap_or(usize::MAX))
-        .max(1);
-    // Information, not a warning: the cap still protects kv, it is only lower than asked.
-    if max < wanted {
-        log::info!(
-            "at most {max} connections, not {wanted} (KV_MAX_CONNECTIONS): the open files limit \
-             is {fds} and each connection takes {FDS_PER_CONNECTION} (LimitNOFILE, ulimit -n)"
-        );
-    } else {
-        log::info!("at most {max} connections (open files limit {fds})");
-    }
-    max
-}
-
-/// Takes connections and starts a thread for each. When one more than the cap are open, makes room
-/// before taking the next (see conns.rs); if every connection has a request in progress, the next
-/// ones wait in the kernel's backlog until one ends.
-fn accept(listener: &TcpListener, shared: &Arc<Shared>, stops: &Sender<Stop>) {
-    let conns = &shared.conns;
-    let mut backoff_ms = 0;
-    let mut warned: Option<Instant> = None;
-    while !shared.stopping.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                backoff_ms = 0;
-                if shared.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Some(newcomer) = start_connection(stream, shared) else {
-                    continue;
-                };
-                while conns.count() > conns.max && !shared.stopping.load(Ordering::SeqCst) {
-                    // Once a minute at most: under a flood this would be every connection.
-                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(CAP_WARNING_SECS))
-                    {
-                        log::warn!(
-                            "{} connections are open, the most allowed (KV_MAX_CONNECTIONS): \
-                             closing those that have waited longest for a request",
-                            conns.max
-                        );
-                        warned = Some(Instant::now());
-                    }
-                    conns.make_room(&newcomer);
-                    conns.wait_for_room(Duration::from_millis(ROOM_WAIT_MS));
-                }
-            }
-            // The listener's read timeout (it exists for the accepted sockets to inherit) or a
-            // client that gave up before we took it: nothing is wrong.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock
-                        | ErrorKind::TimedOut
-                        | ErrorKind::Interrupted
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::ConnectionReset
-                ) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::InvalidInput | ErrorKind::NotConnected | ErrorKind::Unsupported
-                ) =>
-            {
-                let _ = stops.send(Stop::Fatal(format!("the listening socket failed: {e}")));
-                return;
-            }
-            Err(e) => {
-                // Out of file descriptors or memory: wait for connections to close instead of spinning.
-                backoff_ms = (backoff_ms * 2).clamp(10, MAX_ACCEPT_BACKOFF_MS);
-                log::warn!("cannot accept a connection ({e}); retrying in {backoff_ms} ms");
-                thread::sleep(Duration::from_millis(backoff_ms));
-            }
-        }
-    }
-}
-
-/// Registers an accepted connection and starts its thread; on failure the connection is closed.
-/// Returns the connection, for the accept thread to tell it from those it may close for room.
-fn start_connection(stream: TcpStream, shared: &Arc<Shared>) -> Option<Arc<Conn>> {
-    let conn = match stream.try_clone() {
-        Ok(handle) => Arc::new(shared.conns.open(handle)),
-        Err(e) => {
-            log::warn!("cannot keep a handle on a new connection ({e}); closing it");
-            return None;
-        }
-    };
-    let (ours, shared) = (conn.clone(), shared.clone());
-    let connection = tiny_http::ClientConnection::from_tcp(stream).without_error_answers();
-    let spawned = thread::Builder::new()
-        .name("kv-conn".into())
-        .stack_size(CONNECTION_STACK_BYTES)
-        .spawn(move || serve_connection(connection, &conn, &shared));
-    match spawned {
-        Ok(_) => Some(ours),
-        Err(e) => {
-            log::warn!("cannot start a connection thread ({e}); closing the connection");
-            None
-        }
-    }
 }
 
 /// Runs one connection's requests in order, until the client leaves, kv closes it, or kv stops.
@@ -473,66 +315,6 @@ fn answer_unreadable(e: &tiny_http::ReadError, conn: &Conn) {
     }
 }
 
-/// Writes a response that ends its connection, saying so with `Connection: close` (RFC 9112 §9.6),
-/// a header tiny_http refuses to add itself.
-fn write_closing(
-    out: &mut dyn Write,
-    response: tiny_http::Response<std::io::Cursor<Vec<u8>>>,
-    head_only: bool,
-) -> std::io::Result<()> {
-    let mut bytes = Vec::new();
-    response.raw_print(
-        &mut bytes,
-        tiny_http::HTTPVersion(1, 1),
-        None,
-        head_only,
-        None,
-    )?;
-    let after_status_line = bytes
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .map_or(0, |i| i + 2);
-    bytes.splice(
-        after_status_line..after_status_line,
-        b"Connection: close\r\n".iter().copied(),
-    );
-    out.write_all(&bytes)?;
-    out.flush()
-}
-
-/// A complete response with a JSON body (always with its Content-Length: tiny_http would switch
-/// to chunked encoding from 32 KiB on) and these headers.
-fn response(
-    status: u16,
-    body: String,
-    headers: &[(&'static str, String)],
-) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let mut response = tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_chunked_threshold(usize::MAX);
-    // JSON unless the answer says otherwise.
-    let json = (!headers.iter().any(|(name, _)| *name == "Content-Type"))
-        .then_some(("Content-Type", "application/json"));
-    let more = headers.iter().map(|(n, v)| (*n, v.as_str()));
-    for (name, value) in json.into_iter().chain(more) {
-        if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
-            response.add_header(header);
-        }
-    }
-    response
-}
-
-/// What every answer to a request carries and logs besides its own status, body and headers.
-struct Extra {
-    /// CORS headers for the request's `Origin`.
-    cors: cors::Headers,
-    /// The name of the request's token, for the access line.
-    who: Option<String>,
-    started: Instant,
-    /// The connection ends after this answer, which then says `Connection: close`.
-    close: bool,
-}
-
 /// Handles one request: reads its body, runs it, waits for the commit of a write, answers.
 /// Returns false when the connection must close (after a stream, or a body that cannot be read).
 fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra, conn: &Conn) -> bool {
@@ -633,156 +415,6 @@ fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra, co
     };
     send(request, result, &extra, &shared.metrics);
     true
-}
-
-/// ` (token NAME)` for the access line of a request with a named token, else nothing.
-fn by(who: Option<&str>) -> String {
-    who.map(|name| format!(" (token {name})"))
-        .unwrap_or_default()
-}
-
-/// Answers a CORS preflight: 204 with the CORS headers and nothing else. Written by hand, because
-/// tiny_http would add a `Content-Length`, which a 204 must not carry (RFC 9110 §8.6). Returns
-/// whether the connection can go on.
-fn send_no_content(request: tiny_http::Request, extra: &Extra) -> bool {
-    let line = format!("{} {} 204", request.method(), path_of(request.url()));
-    let mut head = String::from("HTTP/1.1 204 No Content\r\n");
-    for (name, value) in &extra.cors {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut out = request.into_writer();
-    match out.write_all(head.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => {
-            log::debug!("{line} {:.1?}", extra.started.elapsed());
-            true
-        }
-        Err(e) => {
-            log::debug!("{line}: could not send the response: {e}");
-            false
-        }
-    }
-}
-
-/// The path of a request target, without its query (and scheme and host, in absolute form).
-fn path_of(url: &str) -> &str {
-    framing::origin_form(url).split('?').next().unwrap_or("")
-}
-
-/// Sends the answer to a request, and logs it (with the name of its token).
-fn send(
-    request: tiny_http::Request,
-    result: Result<Resp, Error>,
-    extra: &Extra,
-    metrics: &Metrics,
-) {
-    let path = path_of(request.url());
-    let (status, body, headers) = match result {
-        Ok(resp) => (resp.status, resp.body, resp.headers),
-        Err(e) => {
-            if matches!(e, Error::Storage(_)) {
-                metrics.storage_error();
-            }
-            let client_side = matches!(
-                e,
-                Error::TooManyWaiters
-                    | Error::VersionNotSupported
-                    | Error::TransferCodingNotSupported
-            );
-            if e.status() >= 500 && !client_side {
-                log::error!("{} {path}: {e}", request.method());
-            }
-            let headers = e
-                .headers()
-                .map(|(name, value)| vec![(name, value.to_string())])
-                .unwrap_or_default();
-            (e.status(), e.body(), headers)
-        }
-    };
-    let who = by(extra.who.as_deref());
-    let line = log::log_enabled!(log::Level::Debug)
-        .then(|| format!("{} {path} {status}{who}", request.method()));
-    let mut headers = headers;
-    headers.extend_from_slice(&extra.cors);
-    let response = response(status, body, &headers);
-    let (method, route) = (
-        metrics::method_of(request.method().as_str()),
-        metrics::route_of(path),
-    );
-    // Counted before sending, so a client that reads /metrics after its answer sees it counted.
-    metrics.request(method, route, status, extra.started.elapsed());
-    let sent = if extra.close {
-        let head_only = request.method() == &tiny_http::Method::Head;
-        write_closing(&mut *request.into_writer(), response, head_only)
-    } else {
-        request.respond(response)
-    };
-    if let Some(line) = line {
-        match sent {
-            Ok(()) => log::debug!("{line} {:.1?}", extra.started.elapsed()),
-            Err(e) => log::debug!("{line}: could not send the response: {e}"),
-        }
-    }
-}
-
-/// Sends a streamed answer: the head, then the body in chunks as the stream writes it, flushed
-/// whenever the stream flushes. Returns when the stream ends or the client has gone.
-fn send_stream(request: tiny_http::Request, stream: Stream<'_>, extra: &Extra, metrics: &Metrics) {
-    let path = path_of(request.url()).to_string();
-    let method = request.method().clone();
-    let labels = (
-        metrics::method_of(method.as_str()),
-        metrics::route_of(&path),
-    );
-    let head_only = method == tiny_http::Method::Head;
-    let mut head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n",
-        stream.content_type
-    );
-    for (name, value) in stream.headers.iter().chain(&extra.cors) {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut out = request.into_writer();
-    let sent = out
-        .write_all(head.as_bytes())
-        .and_then(|()| out.flush())
-        .and_then(|()| {
-            if head_only {
-                return Ok(());
-            }
-            (stream.body)(&mut Chunked(&mut *out))?;
-            out.write_all(b"0\r\n\r\n")?;
-            out.flush()
-        });
-    metrics.request(labels.0, labels.1, 200, extra.started.elapsed());
-    let who = by(extra.who.as_deref());
-    match sent {
-        Ok(()) => log::debug!(
-            "{method} {path} 200{who} (stream) {:.1?}",
-            extra.started.elapsed()
-        ),
-        Err(e) => log::debug!("{method} {path} 200{who} (stream) ended: {e}"),
-    }
-}
-
-/// Chunked transfer encoding (RFC 9112 §7.1): each write is one chunk.
-struct Chunked<'a>(&'a mut dyn Write);
-
-impl Write for Chunked<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        write!(self.0, "{:x}\r\n", buf.len())?;
-        self.0.write_all(buf)?;
-        self.0.write_all(b"\r\n")?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
 }
 
 /// Writes the body to a temporary file in `dir`, refusing (413) one over `limit` bytes, from
