@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The route patterns, the only values of the `route` label (never a key or a collection name).
@@ -66,6 +66,9 @@ struct Gauges {
     revision: IntGauge,
     open_connections: IntGauge,
     change_waiters: IntGauge,
+    used_bytes: IntGauge,
+    max_bytes: IntGauge,
+    writes_refused: IntGaugeVec,
 }
 
 /// What a scrape reads from the store and the waiters' registry.
@@ -76,7 +79,15 @@ pub struct Snapshot {
     pub wal_bytes: u64,
     pub revision: u64,
     pub change_waiters: usize,
+    /// Bytes of database pages in use, what `KV_MAX_DB_BYTES` limits.
+    pub used_bytes: u64,
+    pub max_bytes: Option<u64>,
+    /// Why writes that add data are refused now (`storage_full`, `quota_exceeded`), if they are.
+    pub writes_refused: Option<&'static str>,
 }
+
+/// The reasons `kv_writes_refused` has a series for, each 0 or 1.
+const REFUSALS: [&str; 2] = ["storage_full", "quota_exceeded"];
 
 impl Metrics {
     /// The registry with every metric, for this version of kv.
@@ -134,6 +145,21 @@ impl Metrics {
                 "kv_change_waiters",
                 "Long-polls and event streams waiting for changes",
             )?,
+            used_bytes: gauge(
+                "kv_database_used_bytes",
+                "Bytes of database pages in use (free pages are reused), what the quota limits",
+            )?,
+            max_bytes: gauge(
+                "kv_database_max_bytes",
+                "The quota, KV_MAX_DB_BYTES; 0 when there is none",
+            )?,
+            writes_refused: IntGaugeVec::new(
+                Opts::new(
+                    "kv_writes_refused",
+                    "1 while writes that add data are refused for this reason (507), else 0",
+                ),
+                &["reason"],
+            )?,
         };
         let build_info = IntGauge::with_opts(
             Opts::new("kv_build_info", "The kv version, as a label; always 1")
@@ -156,10 +182,13 @@ impl Metrics {
             &gauges.revision,
             &gauges.open_connections,
             &gauges.change_waiters,
+            &gauges.used_bytes,
+            &gauges.max_bytes,
             &build_info,
         ] {
             registry.register(Box::new(metric.clone()))?;
         }
+        registry.register(Box::new(gauges.writes_refused.clone()))?;
         let durations = ROUTES
             .iter()
             .map(|route| latency.with_label_values(&[route]))
@@ -222,6 +251,13 @@ impl Metrics {
         g.wal_bytes.set(int(snapshot.wal_bytes));
         g.revision.set(int(snapshot.revision));
         g.change_waiters.set(snapshot.change_waiters as i64);
+        g.used_bytes.set(int(snapshot.used_bytes));
+        g.max_bytes.set(int(snapshot.max_bytes.unwrap_or(0)));
+        for reason in REFUSALS {
+            g.writes_refused
+                .with_label_values(&[reason])
+                .set(i64::from(snapshot.writes_refused == Some(reason)));
+        }
         g.open_connections
             .set(self.open_connections.load(Ordering::Relaxed) as i64);
         let mut out = Vec::new();
@@ -322,6 +358,9 @@ mod tests {
             wal_bytes: 0,
             revision: 9,
             change_waiters: 1,
+            used_bytes: 3072,
+            max_bytes: None,
+            writes_refused: Some("quota_exceeded"),
         };
         let text = m.render(&snapshot).unwrap();
         for line in [
@@ -331,6 +370,10 @@ mod tests {
             "kv_objects 5",
             "kv_revision 9",
             "kv_change_waiters 1",
+            "kv_database_used_bytes 3072",
+            "kv_database_max_bytes 0",
+            r#"kv_writes_refused{reason="quota_exceeded"} 1"#,
+            r#"kv_writes_refused{reason="storage_full"} 0"#,
             r#"kv_build_info{version=""#,
             "# TYPE kv_commit_duration_seconds histogram",
         ] {

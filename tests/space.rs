@@ -41,6 +41,23 @@ fn the_quota_refuses_writes_past_it_and_deletes_make_room() {
         (ready.status, ready.json()["reason"].clone()),
         (503, json!("quota_exceeded"))
     );
+    let metrics = metric_lines(&s);
+    for line in [
+        r#"kv_writes_refused{reason="quota_exceeded"} 1"#,
+        r#"kv_writes_refused{reason="storage_full"} 0"#,
+        "kv_database_max_bytes 300000",
+    ] {
+        assert!(
+            metrics.iter().any(|l| l == line),
+            "{line:?} not in {metrics:?}"
+        );
+    }
+    let used = metrics
+        .iter()
+        .find_map(|l| l.strip_prefix("kv_database_used_bytes "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("kv_database_used_bytes");
+    assert!(used > 250_000 && used <= 300_000, "used {used}");
     assert_eq!(s.get("/health").status, 200, "still alive");
     assert_eq!(s.get("/objects/k000000").status, 200, "reads work");
     // Deletes always work, and the pages they free are reused.
@@ -52,6 +69,25 @@ fn the_quota_refuses_writes_past_it_and_deletes_make_room() {
         .get("/ready")
         .status
         == 200));
+    let metrics = metric_lines(&s);
+    assert!(
+        metrics
+            .iter()
+            .any(|l| l == r#"kv_writes_refused{reason="quota_exceeded"} 0"#),
+        "{metrics:?}"
+    );
+}
+
+/// The lines of `GET /metrics` that are samples, not comments.
+fn metric_lines(s: &Client) -> Vec<String> {
+    let resp = s.get("/metrics");
+    assert_eq!(resp.status, 200);
+    String::from_utf8(resp.body)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Mounts a tmpfs of `size` at `dir`; false (with a message) where this machine does not allow it.
@@ -113,6 +149,13 @@ fn a_full_disk_answers_507_keeps_deletes_working_and_recovers_without_a_restart(
     assert_eq!(
         (ready.status, ready.json()["reason"].clone()),
         (503, json!("storage_full"))
+    );
+    let metrics = metric_lines(&s);
+    assert!(
+        metrics
+            .iter()
+            .any(|l| l == r#"kv_writes_refused{reason="storage_full"} 1"#),
+        "{metrics:?}"
     );
     assert_eq!(s.get("/health").status, 200, "alive");
     assert_eq!(s.get("/objects/k000000").status, 200, "reads work");

@@ -18,7 +18,8 @@ const EXPORT_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The Prometheus exposition, with the store's gauges read now.
 pub(super) fn metrics(ctx: &Ctx<'_>) -> Result<Resp, Error> {
-    let stats = ctx.pool.get().stats()?;
+    let store = ctx.pool.get();
+    let stats = store.stats()?;
     let snapshot = Snapshot {
         objects: stats.objects,
         collections: stats.collections,
@@ -26,6 +27,9 @@ pub(super) fn metrics(ctx: &Ctx<'_>) -> Result<Resp, Error> {
         wal_bytes: stats.wal_bytes,
         revision: stats.revision,
         change_waiters: ctx.watch.waiters(),
+        used_bytes: store.used_bytes()?,
+        max_bytes: ctx.space.max(),
+        writes_refused: ctx.space.refusal(),
     };
     let body = ctx
         .metrics
