@@ -21,14 +21,10 @@ use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -36,6 +32,13 @@ use crate::space::Space;
 use crate::store::backup::TempFile;
 use crate::store::{DEFAULT_COLLECTION, Store, now_millis};
 use crate::watch::Watch;
+
+mod background;
+mod op;
+
+pub use op::{Cond, Done, ImportLine, Op, Outcome, Reply, Tags};
+
+use background::{Periodic, maintain, purge_interval, sweep};
 
 /// Most writes committed together, so one huge group cannot hold every reply for long.
 const MAX_WRITES_PER_COMMIT: usize = 1024;
@@ -56,180 +59,9 @@ const EXPIRE_BATCH: usize = 1000;
 const EXPIRE_INTERVAL_MS: u64 = 250;
 /// Stale feed entries below which no compaction starts, however small the store.
 const MIN_STALE_TO_COMPACT: u64 = 10_000;
-/// The purge runs at least once a minute, and every second while the retention is under a minute.
-fn purge_interval(retention: Duration) -> Duration {
-    Duration::from_secs(if retention < Duration::from_secs(60) {
-        1
-    } else {
-        60
-    })
-}
 /// Most value bytes waiting for the writer; submitters wait beyond it, so a flood of large PUTs
 /// from many connections cannot pile up in memory while the disk catches up.
 const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
-
-/// One write, as the API asks for it.
-#[derive(Debug)]
-pub enum Op {
-    Put {
-        collection: String,
-        key: String,
-        value: String,
-        cond: Cond,
-        /// Seconds after its commit when the object expires; `None`: never.
-        ttl_secs: Option<u64>,
-    },
-    Delete {
-        collection: String,
-        key: String,
-        cond: Cond,
-    },
-    /// Reads inside the write transaction: only useful in a batch, where it sees the earlier ops.
-    Get {
-        collection: String,
-        key: String,
-    },
-    /// Asserts a precondition without writing: only useful in a batch.
-    Check {
-        collection: String,
-        key: String,
-        cond: Cond,
-    },
-    DeleteCollection {
-        name: String,
-    },
-    /// All or nothing, in order.
-    Batch(Vec<Op>),
-    /// Forgets up to `PURGE_BATCH` tombstones made before `before_ms` (unix ms).
-    Purge {
-        before_ms: i64,
-    },
-    /// Deletes stale feed entries, `COMPACT_WINDOW` at a time, once enough have piled up.
-    Compact,
-    /// Deletes up to `EXPIRE_BATCH` expired objects, each with a revision of its own.
-    Expire,
-    /// Stores every object of an NDJSON file the API has checked line by line (after emptying
-    /// the `replace` collections), all in this one transaction.
-    Import {
-        upload: TempFile,
-        replace: Vec<String>,
-    },
-}
-
-/// One line of an import, as `GET /export` writes it; the API has checked it already.
-#[derive(Deserialize)]
-pub struct ImportLine<'a> {
-    #[serde(borrow, default)]
-    pub collection: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub key: Cow<'a, str>,
-    #[serde(borrow)]
-    pub value: &'a RawValue,
-    /// Unix seconds.
-    #[serde(default)]
-    pub expires_at: Option<i64>,
-}
-
-/// A precondition on an object's current revision (RFC 9110 §13.1.1-2), checked in the write
-/// transaction just before the write, so it sees every write queued before it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Cond {
-    /// The object must exist (`Any`) or be at one of these revisions.
-    pub if_match: Option<Tags>,
-    /// The object must not exist (`Any`) or not be at any of these revisions.
-    pub if_none_match: Option<Tags>,
-}
-
-/// The entity tags of a precondition header, as revisions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Tags {
-    /// `*`
-    Any,
-    /// A list of tags; tags that are no revision of ours are left out (they match nothing).
-    Revs(Vec<u64>),
-}
-
-impl Tags {
-    /// Whether an object at revision `current` (`None`: absent) matches.
-    pub fn matches(&self, current: Option<u64>) -> bool {
-        match self {
-            Tags::Any => current.is_some(),
-            Tags::Revs(revs) => current.is_some_and(|rev| revs.contains(&rev)),
-        }
-    }
-}
-
-impl Cond {
-    /// Whether the precondition holds for an object at revision `current` (`None`: absent).
-    pub fn holds(&self, current: Option<u64>) -> bool {
-        self.if_match.as_ref().is_none_or(|t| t.matches(current))
-            && !self
-                .if_none_match
-                .as_ref()
-                .is_some_and(|t| t.matches(current))
-    }
-
-    /// True when there is no precondition (the common case costs no read).
-    pub fn is_empty(&self) -> bool {
-        self.if_match.is_none() && self.if_none_match.is_none()
-    }
-}
-
-impl Op {
-    /// Roughly what the op holds in memory while queued.
-    fn bytes(&self) -> usize {
-        match self {
-            Op::Put {
-                collection,
-                key,
-                value,
-                ..
-            } => collection.len() + key.len() + value.len(),
-            Op::Delete {
-                collection, key, ..
-            }
-            | Op::Get { collection, key }
-            | Op::Check {
-                collection, key, ..
-            } => collection.len() + key.len(),
-            Op::DeleteCollection { name } => name.len(),
-            Op::Batch(ops) => ops.iter().map(Op::bytes).sum(),
-            Op::Purge { .. } | Op::Compact | Op::Expire | Op::Import { .. } => 0,
-        }
-    }
-}
-
-/// What a committed write did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Stored at this revision.
-    Stored(u64),
-    /// The revision of the deletion, if the object existed.
-    Deleted(Option<u64>),
-    /// The stored JSON text and its revision, if the object exists.
-    Value(Option<(String, u64)>),
-    /// The precondition of a `Check` held.
-    Checked,
-    /// How many objects the deleted collection held, and the revision of its deletion (0 if it
-    /// held none).
-    DeletedCollection { count: u64, rev: u64 },
-    /// One outcome per op of a batch, in order.
-    Batch(Vec<Outcome>),
-    /// How many tombstones were forgotten.
-    Purged(usize),
-    /// Whether a compaction pass is under way (call again).
-    Compacting(bool),
-    /// How many expired objects were deleted.
-    Expired(usize),
-    /// How many objects an import stored.
-    Imported(u64),
-}
-
-/// The result of one write, known only after its transaction committed (or failed).
-pub type Reply = Result<Outcome, Error>;
-
-/// Called by the writer thread with the write's reply, after COMMIT has returned.
-pub type Done = Box<dyn FnOnce(Reply) + Send>;
 
 struct Job {
     op: Op,
@@ -392,76 +224,6 @@ impl Submitter {
         );
         rx.recv()
             .map_err(|_| Error::Internal("the writer thread dropped a write".into()))?
-    }
-}
-
-/// A thread that runs a task every `interval` until stopped.
-/// The task is told whether a stop is under way, so a long task can end early.
-struct Periodic {
-    stop: Sender<()>,
-    stopping: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
-impl Periodic {
-    fn start(
-        name: &str,
-        interval: Duration,
-        mut task: impl FnMut(&AtomicBool) + Send + 'static,
-    ) -> std::io::Result<Periodic> {
-        let (stop, stopped) = channel::<()>();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let flag = stopping.clone();
-        let thread = thread::Builder::new().name(name.into()).spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                task(&flag);
-            }
-        })?;
-        Ok(Periodic {
-            stop,
-            stopping,
-            thread,
-        })
-    }
-
-    fn stop(self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        let _ = self.stop.send(());
-        if self.thread.join().is_err() {
-            log::error!("a background thread of the writer panicked");
-        }
-    }
-}
-
-/// Deletes expired objects, `EXPIRE_BATCH` per transaction, until none is left.
-fn sweep(submitter: &Submitter, stopping: &AtomicBool) {
-    while !stopping.load(Ordering::SeqCst) {
-        match submitter.write(Op::Expire) {
-            Ok(Outcome::Expired(n)) if n == EXPIRE_BATCH => continue,
-            Ok(_) => return,
-            Err(e) => return log::warn!("deleting expired objects failed (it is retried): {e}"),
-        }
-    }
-}
-
-/// The writer's housekeeping, each step an ordinary write so it never holds the writer for long:
-/// forgets tombstones older than the retention, `PURGE_BATCH` at a time, then compacts the
-/// feed's log if enough of it is stale.
-fn maintain(submitter: &Submitter, retention: Duration, stopping: &AtomicBool) {
-    while !stopping.load(Ordering::SeqCst) {
-        let before_ms = now_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        match submitter.write(Op::Purge { before_ms }) {
-            Ok(Outcome::Purged(n)) if n == PURGE_BATCH => continue,
-            Ok(_) => break,
-            Err(e) => return log::warn!("purging old deletions failed (it is retried): {e}"),
-        }
-    }
-    while !stopping.load(Ordering::SeqCst) {
-        match submitter.write(Op::Compact) {
-            Ok(Outcome::Compacting(true)) => continue,
-            Ok(_) => return,
-            Err(e) => return log::warn!("compacting the change log failed (it is retried): {e}"),
-        }
     }
 }
 

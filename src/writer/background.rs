@@ -1,0 +1,89 @@
+//! The writer's background threads: each runs its task every so often, and the expiry sweep and
+//! the housekeeping (purge, compaction) submit ordinary writes so they never hold the writer long.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use super::{EXPIRE_BATCH, Op, Outcome, PURGE_BATCH, Submitter};
+use crate::store::now_millis;
+
+/// The purge runs at least once a minute, and every second while the retention is under a minute.
+pub(super) fn purge_interval(retention: Duration) -> Duration {
+    Duration::from_secs(if retention < Duration::from_secs(60) {
+        1
+    } else {
+        60
+    })
+}
+/// A thread that runs a task every `interval` until stopped.
+/// The task is told whether a stop is under way, so a long task can end early.
+pub(super) struct Periodic {
+    stop: Sender<()>,
+    stopping: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Periodic {
+    pub(super) fn start(
+        name: &str,
+        interval: Duration,
+        mut task: impl FnMut(&AtomicBool) + Send + 'static,
+    ) -> std::io::Result<Periodic> {
+        let (stop, stopped) = channel::<()>();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
+        let thread = thread::Builder::new().name(name.into()).spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                task(&flag);
+            }
+        })?;
+        Ok(Periodic {
+            stop,
+            stopping,
+            thread,
+        })
+    }
+
+    pub(super) fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            log::error!("a background thread of the writer panicked");
+        }
+    }
+}
+
+/// Deletes expired objects, `EXPIRE_BATCH` per transaction, until none is left.
+pub(super) fn sweep(submitter: &Submitter, stopping: &AtomicBool) {
+    while !stopping.load(Ordering::SeqCst) {
+        match submitter.write(Op::Expire) {
+            Ok(Outcome::Expired(n)) if n == EXPIRE_BATCH => continue,
+            Ok(_) => return,
+            Err(e) => return log::warn!("deleting expired objects failed (it is retried): {e}"),
+        }
+    }
+}
+
+/// The writer's housekeeping, each step an ordinary write so it never holds the writer for long:
+/// forgets tombstones older than the retention, `PURGE_BATCH` at a time, then compacts the
+/// feed's log if enough of it is stale.
+pub(super) fn maintain(submitter: &Submitter, retention: Duration, stopping: &AtomicBool) {
+    while !stopping.load(Ordering::SeqCst) {
+        let before_ms = now_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match submitter.write(Op::Purge { before_ms }) {
+            Ok(Outcome::Purged(n)) if n == PURGE_BATCH => continue,
+            Ok(_) => break,
+            Err(e) => return log::warn!("purging old deletions failed (it is retried): {e}"),
+        }
+    }
+    while !stopping.load(Ordering::SeqCst) {
+        match submitter.write(Op::Compact) {
+            Ok(Outcome::Compacting(true)) => continue,
+            Ok(_) => return,
+            Err(e) => return log::warn!("compacting the change log failed (it is retried): {e}"),
+        }
+    }
+}
