@@ -1,5 +1,5 @@
-//! Operating kv: `GET /metrics` (Prometheus), and the routes that move whole databases: the
-//! online backup, and NDJSON export and import.
+//! Operating kv: the probes `/health` and `/ready`, `GET /metrics` (Prometheus), and the routes
+//! that move whole databases: the online backup, and NDJSON export and import.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -10,6 +10,7 @@ use super::{Answer, Ctx, Name, Req, Resp, Stream, param, push_json_string};
 use crate::auth::{Principal, Right};
 use crate::error::Error;
 use crate::metrics::{CONTENT_TYPE, Snapshot};
+use crate::store::Store;
 use crate::store::backup::TempFile;
 use crate::writer::{ImportLine, Op, Outcome};
 
@@ -39,6 +40,39 @@ pub(super) fn metrics(ctx: &Ctx<'_>) -> Result<Resp, Error> {
     resp.headers
         .push(("Content-Type", CONTENT_TYPE.to_string()));
     Ok(resp)
+}
+
+/// `/ready`: 200 when kv can read and write, else 503 with the reason; both with the sizes.
+pub(super) fn ready(ctx: &Ctx<'_>) -> Resp {
+    let space = ctx.space;
+    let used = ctx.pool.get().used_bytes();
+    let reason = if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        Some("shutting_down")
+    } else if used.is_err() {
+        Some("database_unavailable")
+    } else {
+        space.refusal()
+    };
+    let max = space
+        .max()
+        .map_or("null".to_string(), |max| max.to_string());
+    let used = used.unwrap_or_else(|_| space.used());
+    let sizes = format!(r#""database_bytes":{used},"max_database_bytes":{max}"#);
+    match reason {
+        None => Resp::ok(format!(r#"{{"status":"ready",{sizes}}}"#)),
+        Some(reason) => Resp {
+            status: 503,
+            body: format!(r#"{{"status":"not_ready","reason":"{reason}",{sizes}}}"#),
+            headers: Vec::new(),
+        },
+    }
+}
+
+pub(super) fn health(store: &Store) -> Result<Resp, Error> {
+    store
+        .ping()
+        .map_err(|e| Error::Unavailable(format!("the database cannot be read: {e}")))?;
+    Ok(Resp::ok(r#"{"status":"healthy"}"#.to_string()))
 }
 
 /// `GET /admin/backup`: a consistent copy of the whole database as a SQLite file, made from one

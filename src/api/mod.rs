@@ -37,8 +37,8 @@ use crate::auth::{Auth, AuthError, Principal, Right};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::space::Space;
+use crate::store::Pool;
 use crate::store::backup::TempFile;
-use crate::store::{Pool, Store};
 use crate::watch::Watch;
 use crate::writer::{Op, Outcome};
 
@@ -236,11 +236,11 @@ fn route<'a>(
     }
     match (first, rest) {
         ("health", None) => match req.method {
-            Method::Get | Method::Head => health(&ctx.pool.get()).map(Answer::from),
+            Method::Get | Method::Head => admin::health(&ctx.pool.get()).map(Answer::from),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("ready", None) => match req.method {
-            Method::Get | Method::Head => Ok(ready(ctx).into()),
+            Method::Get | Method::Head => Ok(admin::ready(ctx).into()),
             _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
         },
         ("objects", None | Some("")) => match req.method {
@@ -330,39 +330,6 @@ fn route<'a>(
             format!("no such path: {}", req.path),
         )),
     }
-}
-
-/// `/ready`: 200 when kv can read and write, else 503 with the reason; both with the sizes.
-fn ready(ctx: &Ctx<'_>) -> Resp {
-    let space = ctx.space;
-    let used = ctx.pool.get().used_bytes();
-    let reason = if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-        Some("shutting_down")
-    } else if used.is_err() {
-        Some("database_unavailable")
-    } else {
-        space.refusal()
-    };
-    let max = space
-        .max()
-        .map_or("null".to_string(), |max| max.to_string());
-    let used = used.unwrap_or_else(|_| space.used());
-    let sizes = format!(r#""database_bytes":{used},"max_database_bytes":{max}"#);
-    match reason {
-        None => Resp::ok(format!(r#"{{"status":"ready",{sizes}}}"#)),
-        Some(reason) => Resp {
-            status: 503,
-            body: format!(r#"{{"status":"not_ready","reason":"{reason}",{sizes}}}"#),
-            headers: Vec::new(),
-        },
-    }
-}
-
-fn health(store: &Store) -> Result<Resp, Error> {
-    store
-        .ping()
-        .map_err(|e| Error::Unavailable(format!("the database cannot be read: {e}")))?;
-    Ok(Resp::ok(r#"{"status":"healthy"}"#.to_string()))
 }
 
 /// For optional body fields: keeps `"field": null` (present, JSON null) apart from a missing field.
@@ -604,6 +571,7 @@ fn push_json_string(out: &mut String, s: &str) {
 pub(super) mod tests {
     use super::*;
     use crate::config::Sync;
+    use crate::store::Store;
     use crate::writer::{Submitter, Writer};
     use serde_json::{Value, json};
 
