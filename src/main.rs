@@ -1,6 +1,7 @@
-//! kv: wiring only. Read the settings (or run a `kv token` subcommand), load the tokens, open and
-//! migrate the database, start the writer and the HTTP connection threads, wait for a signal (or a fatal error),
-//! stop in order, and turn the outcome into an exit code.
+//! kv: wiring only. Read the settings (or run a `kv token`, `kv backup` or `kv restore`
+//! subcommand), load the tokens, open and migrate the database, start the writer and the HTTP
+//! connection threads, wait for a signal (or a fatal error), stop in order, and turn the outcome
+//! into an exit code.
 
 mod api;
 mod auth;
