@@ -62,6 +62,33 @@ let
   # Ports below 1024 need CAP_NET_BIND_SERVICE. PrivateUsers would leave that capability valid only
   # inside the service's own user namespace, so it is turned off for those ports.
   privilegedPort = cfg.port != 0 && cfg.port < 1024;
+
+  # The systemd hardening kv.service and kv-backup.service share: neither needs any of these
+  # powers. Each adds its own capabilities and address families.
+  hardening = {
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    NoNewPrivileges = true;
+    PrivateDevices = true;
+    PrivateTmp = true;
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHome = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectSystem = "strict";
+    RemoveIPC = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+  };
 in
 {
   options.services.kv = {
@@ -257,7 +284,7 @@ in
         RUST_LOG = cfg.logLevel;
       };
 
-      serviceConfig = {
+      serviceConfig = hardening // {
         ExecStart = lib.getExe cfg.package;
         EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
         Restart = "on-failure";
@@ -283,39 +310,18 @@ in
         StateDirectoryMode = "0700";
         UMask = "0077";
 
-        # Hardening: kv needs none of these powers.
+        # Hardening: kv needs none of these powers (the settings shared with kv-backup are in
+        # `hardening`); it only listens on the network.
         AmbientCapabilities = mkIf privilegedPort [ "CAP_NET_BIND_SERVICE" ];
         CapabilityBoundingSet = if privilegedPort then [ "CAP_NET_BIND_SERVICE" ] else "";
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        NoNewPrivileges = true;
-        PrivateDevices = true;
-        PrivateTmp = true;
         PrivateUsers = !privilegedPort;
         ProcSubset = "pid";
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHome = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
         ProtectProc = "invisible";
-        ProtectSystem = "strict";
-        RemoveIPC = true;
         # AF_UNIX: glibc resolves a host name in KV_HOST through nscd's Unix socket.
         RestrictAddressFamilies = [
           "AF_INET"
           "AF_INET6"
           "AF_UNIX"
-        ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
         ];
       };
     };
@@ -328,7 +334,7 @@ in
       inherit (cfg.backup) startAt;
       after = [ "kv.service" ];
       environment.RUST_LOG = cfg.logLevel;
-      serviceConfig = {
+      serviceConfig = hardening // {
         Type = "oneshot";
         User = "kv";
         Group = "kv";
@@ -346,31 +352,10 @@ in
           ls -1t ${lib.escapeShellArg cfg.backup.dir}/kv-*.sqlite3 | tail -n +${toString (cfg.backup.keep + 1)} \
             | xargs -r rm -f --
         ''}";
-        # The same hardening as kv.service.
+        # The hardening of kv.service, and no network at all.
         CapabilityBoundingSet = "";
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        NoNewPrivileges = true;
-        PrivateDevices = true;
         PrivateNetwork = true;
-        PrivateTmp = true;
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHome = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        ProtectSystem = "strict";
         RestrictAddressFamilies = [ "AF_UNIX" ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
       };
     };
   };
