@@ -213,22 +213,40 @@ mod tests {
 /// `kv backup` or `kv restore`, on the database in `db_path`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Copy {
-    /// `kv backup --out FILE [--db-path DIR]`
-    Backup { out: PathBuf, db_path: PathBuf },
+    /// `kv backup --out FILE [--db-path DIR] [--database-url URL]`
+    Backup {
+        out: PathBuf,
+        db_path: PathBuf,
+        /// PostgreSQL (and its password file) instead of the SQLite file in `db_path`.
+        database_url: Option<String>,
+        password_file: Option<PathBuf>,
+    },
     /// `kv restore --from FILE [--db-path DIR]`
-    Restore { from: PathBuf, db_path: PathBuf },
+    Restore {
+        from: PathBuf,
+        db_path: PathBuf,
+        /// Set when kv is configured for PostgreSQL, which `kv restore` refuses.
+        database_url: Option<String>,
+    },
 }
 
-/// Parses the arguments after `kv backup` (`restore: false`) or `kv restore`; `db_path` is
-/// `DB_PATH` or the default.
-pub fn parse_copy(restore: bool, args: &[String], db_path: PathBuf) -> Result<Copy, String> {
+/// Where `kv backup` and `kv restore` find the database unless their flags say otherwise:
+/// `DB_PATH` (or the default), `KV_DATABASE_URL`, `KV_DATABASE_PASSWORD_FILE`.
+pub struct CopyDefaults {
+    pub db_path: PathBuf,
+    pub database_url: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// Parses the arguments after `kv backup` (`restore: false`) or `kv restore`.
+pub fn parse_copy(restore: bool, args: &[String], defaults: CopyDefaults) -> Result<Copy, String> {
     let (verb, file_flag) = if restore {
         ("restore", "--from")
     } else {
         ("backup", "--out")
     };
-    let usage = format!("usage: kv {verb} {file_flag} FILE [--db-path DIR]");
-    let (mut file, mut dir) = (None, db_path);
+    let usage = format!("usage: kv {verb} {file_flag} FILE [--db-path DIR] [--database-url URL]");
+    let (mut file, mut dir, mut url) = (None, defaults.db_path, defaults.database_url);
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -245,6 +263,7 @@ pub fn parse_copy(restore: bool, args: &[String], db_path: PathBuf) -> Result<Co
         match flag {
             f if f == file_flag => file = Some(PathBuf::from(value()?)),
             "--db-path" => dir = PathBuf::from(value()?),
+            "--database-url" => url = Some(value()?),
             _ => return Err(format!("unknown argument '{arg}' ({usage})")),
         }
     }
@@ -253,11 +272,14 @@ pub fn parse_copy(restore: bool, args: &[String], db_path: PathBuf) -> Result<Co
         Copy::Restore {
             from: file,
             db_path: dir,
+            database_url: url,
         }
     } else {
         Copy::Backup {
             out: file,
             db_path: dir,
+            database_url: url,
+            password_file: defaults.password_file,
         }
     })
 }
@@ -265,15 +287,41 @@ pub fn parse_copy(restore: bool, args: &[String], db_path: PathBuf) -> Result<Co
 /// Runs `kv backup` or `kv restore`, saying on stdout what it did.
 pub fn copy(command: &Copy) -> Result<(), String> {
     match command {
-        Copy::Backup { out, db_path } => {
-            let bytes = store::backup::backup(&db_path.join(DB_FILE), out)?;
+        Copy::Backup {
+            out,
+            db_path,
+            database_url,
+            password_file,
+        } => {
+            let database = crate::config::database(
+                database_url.as_deref(),
+                password_file.as_deref(),
+                db_path,
+                crate::config::Sync::Full,
+            )?;
+            let bytes = store::backup::backup(&database, out)?;
             println!(
-                "wrote a backup of {} to {} ({bytes} bytes)",
-                db_path.display(),
+                "wrote a backup of {database} to {} ({bytes} bytes)",
                 out.display()
             );
         }
-        Copy::Restore { from, db_path } => {
+        Copy::Restore {
+            database_url: Some(_),
+            ..
+        } => {
+            return Err(
+                "kv restore puts a backup in place as the SQLite file of a data \
+                        directory, not into PostgreSQL; to load it into PostgreSQL, run a kv on \
+                        the restored directory and move the objects with GET /export and \
+                        POST /import (pg_dump and pg_restore back up PostgreSQL itself)"
+                    .into(),
+            );
+        }
+        Copy::Restore {
+            from,
+            db_path,
+            database_url: None,
+        } => {
             let aside = store::backup::restore(&db_path.join(DB_FILE), from)?;
             println!(
                 "restored {} into {}; the database it replaced (if any) is {}",

@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::cli;
+use crate::store::Database;
 
 /// Default TCP port.
 pub const DEFAULT_PORT: u16 = 3300;
@@ -78,6 +79,12 @@ pub struct Config {
     pub tokens_file: Option<PathBuf>,
     /// Origins whose browser pages may call kv (CORS), lower-case; `["*"]` for any; empty: none.
     pub cors_origins: Vec<String>,
+    /// PostgreSQL instead of SQLite (`postgres://...`); `None`: the SQLite file in `db_path`.
+    pub database_url: Option<String>,
+    /// A file holding the PostgreSQL password.
+    pub database_password_file: Option<PathBuf>,
+    /// Tests only: each write transaction waits up to this long before COMMIT.
+    pub test_write_delay_ms: u64,
 }
 
 /// What the command line asks for.
@@ -96,10 +103,11 @@ pub enum Command {
 pub const HELP: &str = "\
 kv: a small, durable key-value store with an HTTP/JSON API
 
-Usage: kv [--port PORT] [--host HOST] [--db-path DIR] [--tokens-file FILE]
+Usage: kv [--port PORT] [--host HOST] [--db-path DIR] [--tokens-file FILE] [--database-url URL]
        kv token new [--name NAME]
        kv token hash < TOKEN
-       kv backup --out FILE [--db-path DIR]     a consistent copy, also while kv runs
+       kv backup --out FILE [--db-path DIR | --database-url URL]  a consistent copy (a SQLite
+                                                 file, also of PostgreSQL), also while kv runs
        kv restore --from FILE [--db-path DIR]   checks FILE, moves the database aside, puts FILE in place
        kv --help | --version
 
@@ -108,6 +116,10 @@ Options (override the environment):
   --host HOST      address to listen on; 0.0.0.0 serves the network     [env KV_HOST, default 127.0.0.1]
   --db-path DIR    data directory, holds kv.sqlite3; created if missing  [env DB_PATH, default ./data]
   --tokens-file F  JSON file of token hashes and their rights            [env KV_TOKENS_FILE, default none: open]
+  --database-url URL  PostgreSQL instead of SQLite: postgres://USER@HOST:PORT/DB, or
+                   postgresql:///DB?host=/run/postgresql (Unix socket); sslmode=disable, prefer
+                   (default), require or verify-full (system roots)  [env KV_DATABASE_URL, default none]
+  --database-password-file F  file holding the PostgreSQL password  [env KV_DATABASE_PASSWORD_FILE]
   -h, --help       print this help
   -V, --version    print the version
 
@@ -121,8 +133,10 @@ Environment:
   KV_HOST              see --host
   DB_PATH              see --db-path
   KV_TOKENS_FILE       see --tokens-file; without it every client may do everything
+  KV_DATABASE_URL      see --database-url; several kv nodes may share one PostgreSQL database
+  KV_DATABASE_PASSWORD_FILE  see --database-password-file (one trailing newline is dropped)
   KV_SYNC              full (default): a 200 survives power loss; normal: it survives a crash of kv only
-  KV_WORKERS           SQLite read connections, requests reading at once (default 2 per CPU)
+  KV_WORKERS           read connections, requests reading at once (default 2 per CPU)
   KV_MAX_BODY_BYTES    largest request body in bytes (default 16777216); larger gets 413
   KV_IO_TIMEOUT_SECS   idle or stalled client connections are closed after this many seconds (default 30)
   KV_HEADER_TIMEOUT_SECS  a request head must arrive within this many seconds of its first byte
@@ -137,18 +151,25 @@ Environment:
   KV_CORS_ORIGINS      origins whose web pages may call kv, comma-separated (https://app.example.com),
                        or * for any; default none: no CORS headers
   RUST_LOG             log filter: error, warn, info (default), debug (one line per request)
+  KV_TEST_WRITE_DELAY_MS  tests only: each write transaction waits up to this many ms before COMMIT
 ";
 
 impl Config {
     /// Parses the environment (looked up through `env`) and the arguments after the program name.
     pub fn parse(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<Command, String> {
         if let Some((first, rest)) = args.split_first() {
-            let db_path =
-                || env("DB_PATH").map_or_else(|| PathBuf::from(DEFAULT_DB_PATH), PathBuf::from);
+            let defaults = || cli::CopyDefaults {
+                db_path: env("DB_PATH")
+                    .map_or_else(|| PathBuf::from(DEFAULT_DB_PATH), PathBuf::from),
+                database_url: env("KV_DATABASE_URL").filter(|u| !u.trim().is_empty()),
+                password_file: env("KV_DATABASE_PASSWORD_FILE")
+                    .filter(|f| !f.trim().is_empty())
+                    .map(PathBuf::from),
+            };
             match first.as_str() {
                 "token" => return cli::parse_token(rest).map(Command::Token),
-                "backup" => return cli::parse_copy(false, rest, db_path()).map(Command::Copy),
-                "restore" => return cli::parse_copy(true, rest, db_path()).map(Command::Copy),
+                "backup" => return cli::parse_copy(false, rest, defaults()).map(Command::Copy),
+                "restore" => return cli::parse_copy(true, rest, defaults()).map(Command::Copy),
                 _ => {}
             }
         }
@@ -156,6 +177,8 @@ impl Config {
         let mut host = env("KV_HOST");
         let mut db_path = env("DB_PATH");
         let mut tokens_file = env("KV_TOKENS_FILE");
+        let mut database_url = env("KV_DATABASE_URL");
+        let mut database_password_file = env("KV_DATABASE_PASSWORD_FILE");
         let mut rest = args.iter();
         while let Some(arg) = rest.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -169,6 +192,8 @@ impl Config {
                 "--host" => &mut host,
                 "--db-path" => &mut db_path,
                 "--tokens-file" => &mut tokens_file,
+                "--database-url" => &mut database_url,
+                "--database-password-file" => &mut database_password_file,
                 _ => return Err(format!("unknown argument '{arg}' (see kv --help)")),
             };
             let value = match inline {
@@ -279,6 +304,17 @@ impl Config {
                 None => None,
             },
             cors_origins: parse_origins(env("KV_CORS_ORIGINS").as_deref())?,
+            database_url: parse_database_url(database_url)?,
+            database_password_file: database_password_file
+                .filter(|f| !f.trim().is_empty())
+                .map(PathBuf::from),
+            test_write_delay_ms: parse_number(
+                "KV_TEST_WRITE_DELAY_MS",
+                env("KV_TEST_WRITE_DELAY_MS"),
+                0,
+                0,
+                10_000,
+            )?,
         };
         Ok(Command::Run(config))
     }
@@ -288,9 +324,76 @@ impl Config {
         Config::parse(|name| std::env::var(name).ok(), args)
     }
 
-    /// The SQLite file inside the data directory.
-    pub fn db_file(&self) -> PathBuf {
-        self.db_path.join(DB_FILE)
+    /// Where the data lives: PostgreSQL when a URL is set (reading the password file now), else
+    /// the SQLite file in the data directory.
+    pub fn database(&self) -> Result<Database, String> {
+        database(
+            self.database_url.as_deref(),
+            self.database_password_file.as_deref(),
+            &self.db_path,
+            self.sync,
+        )
+    }
+}
+
+/// Where the data lives, from a database URL (if any), a password file and the data directory.
+pub fn database(
+    url: Option<&str>,
+    password_file: Option<&std::path::Path>,
+    db_path: &std::path::Path,
+    sync: Sync,
+) -> Result<Database, String> {
+    let Some(url) = url else {
+        return Ok(Database::Sqlite {
+            file: db_path.join(DB_FILE),
+            sync,
+        });
+    };
+    #[cfg(feature = "postgres")]
+    {
+        let password = match password_file {
+            Some(file) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    format!(
+                        "cannot read KV_DATABASE_PASSWORD_FILE {}: {e}",
+                        file.display()
+                    )
+                })?;
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                Some(text.strip_suffix('\r').unwrap_or(text).to_string())
+            }
+            None => None,
+        };
+        Ok(Database::Postgres {
+            target: Box::new(crate::store::postgres::Target::parse(
+                url,
+                password.as_deref(),
+            )?),
+            spool: db_path.to_path_buf(),
+        })
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = (url, password_file);
+        Err(
+            "KV_DATABASE_URL is set, but this kv was built without PostgreSQL \
+             (cargo feature \"postgres\")"
+                .into(),
+        )
+    }
+}
+
+/// `KV_DATABASE_URL`: empty means unset; the URL itself is parsed when the database is opened.
+fn parse_database_url(url: Option<String>) -> Result<Option<String>, String> {
+    match url.map(|u| u.trim().to_string()) {
+        None => Ok(None),
+        Some(u) if u.is_empty() => Ok(None),
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => Ok(Some(u)),
+        Some(_) => Err(
+            "KV_DATABASE_URL must start with postgres:// or postgresql:// \
+             (e.g. postgres://kv@localhost/kv)"
+                .into(),
+        ),
     }
 }
 
@@ -384,7 +487,16 @@ mod tests {
         assert_eq!(c.host, "127.0.0.1");
         assert_eq!(c.port, 3300);
         assert_eq!(c.db_path, PathBuf::from("./data"));
-        assert_eq!(c.db_file(), PathBuf::from("./data/kv.sqlite3"));
+        match c.database().unwrap() {
+            Database::Sqlite { file, sync } => {
+                assert_eq!(
+                    (file, sync),
+                    (PathBuf::from("./data/kv.sqlite3"), Sync::Full)
+                )
+            }
+            #[cfg(feature = "postgres")]
+            other => panic!("{other}"),
+        }
         assert_eq!(c.sync, Sync::Full);
         assert_eq!(c.workers, default_workers());
         assert!(c.workers >= 2);

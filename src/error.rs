@@ -49,8 +49,10 @@ pub enum Error {
         current_rev: Option<u64>,
         index: Option<usize>,
     },
-    /// 500: SQLite failed; the cause is logged, never sent.
-    Storage(rusqlite::Error),
+    /// 500: the database failed; the cause is logged, never sent.
+    Storage(crate::store::DbError),
+    /// 503: the database server cannot be reached (PostgreSQL); kv reconnects by itself.
+    DatabaseUnavailable(String),
     /// 503: the database cannot be read (for `/health`), or kv is stopping; the cause is logged.
     Unavailable(String),
     /// 503: `KV_MAX_WAITERS` requests already wait for changes; sent with `Retry-After`.
@@ -132,7 +134,7 @@ impl Error {
             Error::PreconditionFailed { .. } => 412,
             Error::TooLarge { .. } => 413,
             Error::Storage(_) | Error::Internal(_) => 500,
-            Error::Unavailable(_) | Error::TooManyWaiters => 503,
+            Error::Unavailable(_) | Error::DatabaseUnavailable(_) | Error::TooManyWaiters => 503,
             Error::StorageFull | Error::QuotaExceeded { .. } => 507,
         }
     }
@@ -155,6 +157,7 @@ impl Error {
             Error::PreconditionFailed { .. } => "precondition_failed",
             Error::Storage(_) | Error::Internal(_) => "internal_error",
             Error::Unavailable(_) => "unavailable",
+            Error::DatabaseUnavailable(_) => "database_unavailable",
             Error::TooManyWaiters => "too_many_waiters",
             Error::StorageFull => "storage_full",
             Error::QuotaExceeded { .. } => "quota_exceeded",
@@ -166,7 +169,7 @@ impl Error {
         match self {
             Error::Unauthorized => Some(("WWW-Authenticate", r#"Bearer realm="kv""#)),
             Error::MethodNotAllowed { allow } => Some(("Allow", allow)),
-            Error::TooManyWaiters => Some(("Retry-After", "1")),
+            Error::TooManyWaiters | Error::DatabaseUnavailable(_) => Some(("Retry-After", "1")),
             Error::StorageFull => Some(("Retry-After", "5")),
             _ => None,
         }
@@ -203,6 +206,9 @@ impl Error {
             },
             Error::Storage(_) | Error::Internal(_) => "internal error".into(),
             Error::Unavailable(_) => "service unavailable".into(),
+            Error::DatabaseUnavailable(_) => {
+                "the database cannot be reached; kv reconnects by itself, retry shortly".into()
+            }
             Error::TooManyWaiters => {
                 "too many requests are waiting for changes; retry in a second".into()
             }
@@ -246,15 +252,26 @@ impl fmt::Display for Error {
         match self {
             Error::Storage(e) => write!(f, "storage error: {e}"),
             Error::Unavailable(why) => write!(f, "unavailable: {why}"),
+            Error::DatabaseUnavailable(why) => write!(f, "database unavailable: {why}"),
             Error::Internal(cause) => write!(f, "internal error: {cause}"),
             other => write!(f, "{} ({})", other.status(), other.code()),
         }
     }
 }
 
+impl From<crate::store::DbError> for Error {
+    fn from(e: crate::store::DbError) -> Error {
+        if e.is_unavailable() {
+            Error::DatabaseUnavailable(e.to_string())
+        } else {
+            Error::Storage(e)
+        }
+    }
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Error {
-        Error::Storage(e)
+        Error::Storage(e.into())
     }
 }
 

@@ -32,7 +32,11 @@ fn main() -> ExitCode {
         Ok(Command::Version) => return print(&format!("kv {}\n", env!("CARGO_PKG_VERSION"))),
         Err(e) => return fail(&e),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        // The PostgreSQL client logs every statement with its parameters (values, at debug).
+        .filter_module("tokio_postgres", log::LevelFilter::Warn)
+        .filter_module("postgres", log::LevelFilter::Warn)
+        .init();
     exit(run(&config))
 }
 
@@ -40,7 +44,8 @@ fn run(config: &Config) -> Result<(), String> {
     let auth = Arc::new(auth::Auth::from_config(config)?);
     // First, before any thread starts: every later thread must inherit SIGHUP blocked (see auth.rs).
     auth::reload_on_sighup(&auth)?;
-    let store = store::Store::open_and_migrate(&config.db_file(), config.sync)?;
+    let database = config.database()?;
+    let store = store::Store::open_and_migrate(&database)?;
     // Held until exit: `kv restore` refuses to replace the database of a running kv.
     let _lock = store::backup::DirLock::acquire(&config.db_path)?;
     let rev = store
@@ -63,7 +68,10 @@ fn run(config: &Config) -> Result<(), String> {
         watch.clone(),
         metrics.clone(),
         space.clone(),
-        retention,
+        writer::Settings {
+            retention,
+            write_delay_ms: config.test_write_delay_ms,
+        },
     )
     .map_err(|e| format!("cannot start the writer: {e}"))?;
     let (stops, stop) = channel();
@@ -74,11 +82,9 @@ fn run(config: &Config) -> Result<(), String> {
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     let server = http::serve(config, &writer, watch, metrics, space, auth, stops)?;
     log::info!(
-        "kv {} listening on http://{} (database {}, sync {}, {} read connections)",
+        "kv {} listening on http://{} (database {database}, {} read connections)",
         env!("CARGO_PKG_VERSION"),
         server.addr,
-        config.db_file().display(),
-        config.sync,
         config.workers
     );
     let reason = stop.recv().unwrap_or(http::Stop::Signal);

@@ -69,9 +69,10 @@ pub(super) fn ready(ctx: &Ctx<'_>) -> Resp {
 }
 
 pub(super) fn health(store: &Store) -> Result<Resp, Error> {
-    store
-        .ping()
-        .map_err(|e| Error::Unavailable(format!("the database cannot be read: {e}")))?;
+    store.ping().map_err(|e| match Error::from(e) {
+        unreachable @ Error::DatabaseUnavailable(_) => unreachable,
+        other => Error::Unavailable(format!("the database cannot be read: {other}")),
+    })?;
     Ok(Resp::ok(r#"{"status":"healthy"}"#.to_string()))
 }
 

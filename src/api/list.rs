@@ -191,7 +191,7 @@ fn page(ctx: &Ctx<'_>, list: &List) -> Result<Resp, Error> {
 /// from that same snapshot as the client takes them.
 fn stream<'a>(ctx: &'a Ctx<'_>, list: List) -> Result<Answer<'a>, Error> {
     let store = ctx.pool.dedicated()?;
-    store.control("BEGIN")?;
+    store.begin_read()?;
     let rev = store.collection_rev(&list.collection)?;
     let count = store.count_live(&list.collection, list.range())?;
     Ok(Answer::Stream(Stream {
@@ -225,7 +225,7 @@ fn send_list(store: &Store, list: &List, count: u64, out: &mut dyn Write) -> std
     match listed {
         // The snapshot ends here, so the checkpoint can move past it.
         Ok(_) => {
-            let _ = store.control("COMMIT");
+            let _ = store.end_read();
         }
         Err(e) => {
             // The 200 is on its way: breaking the chunked body is how the client learns.

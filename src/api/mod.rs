@@ -571,8 +571,8 @@ fn push_json_string(out: &mut String, s: &str) {
 pub(super) mod tests {
     use super::*;
     use crate::config::Sync;
-    use crate::store::Store;
-    use crate::writer::{Submitter, Writer};
+    use crate::store::{Database, Store};
+    use crate::writer::{Settings, Submitter, Writer};
     use serde_json::{Value, json};
 
     pub(super) struct Harness {
@@ -601,18 +601,24 @@ pub(super) mod tests {
 
         fn with_auth(auth: Auth) -> Harness {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("kv.sqlite3");
-            let mut w = Store::open(&path, Sync::Normal).unwrap();
-            w.migrate().unwrap();
+            let db = Database::Sqlite {
+                file: dir.path().join("kv.sqlite3"),
+                sync: Sync::Normal,
+            };
+            let w = Store::open_and_migrate(&db).unwrap();
             let watch = std::sync::Arc::new(Watch::new(0, 4));
             let retention = std::time::Duration::from_secs(3600);
             let metrics = std::sync::Arc::new(Metrics::new().unwrap());
             let space = std::sync::Arc::new(Space::new(dir.path(), 0, None));
+            let settings = Settings {
+                retention,
+                write_delay_ms: 0,
+            };
             let writer =
-                Writer::start(w, watch.clone(), metrics.clone(), space.clone(), retention).unwrap();
+                Writer::start(w, watch.clone(), metrics.clone(), space.clone(), settings).unwrap();
             let submitter = writer.submitter();
             Harness {
-                pool: Pool::open(&path, Sync::Normal, 2).unwrap(),
+                pool: Pool::open(&db, 2).unwrap(),
                 watch,
                 auth,
                 metrics,

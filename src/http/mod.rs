@@ -133,8 +133,9 @@ pub fn serve(
 ) -> Result<Server, String> {
     let listener = listen(config)?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let pool = Pool::open(&config.db_file(), config.sync, config.workers)
-        .map_err(|e| format!("cannot open {}: {e}", config.db_file().display()))?;
+    let database = config.database()?;
+    let pool = Pool::open(&database, config.workers)
+        .map_err(|e| format!("cannot open {database}: {e}"))?;
     let max = max_connections(config.max_connections);
     let header_timeout = Duration::from_secs(config.header_timeout_secs);
     let conns = Conns::start(max, header_timeout)

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, params};
 
-use super::Store;
-use super::schema::MIGRATIONS;
+use super::sqlite::schema::MIGRATIONS;
+use super::{Database, Sqlite, Store};
 
 /// The lock file in the data directory; a running kv holds an exclusive `flock` on it.
 const LOCK_FILE: &str = "kv.lock";
@@ -67,7 +67,7 @@ impl Drop for TempFile {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Writes a consistent copy of the whole database to `target` (which must not exist), from
     /// one read snapshot, while writes go on.
     pub fn backup_into(&self, target: &Path) -> Result<(), rusqlite::Error> {
@@ -87,11 +87,13 @@ impl Store {
     }
 }
 
-/// `kv backup`: copies the database `db_file` (in use by a running kv or not) to `out`, which
-/// appears only once complete. Returns its size.
-pub fn backup(db_file: &Path, out: &Path) -> Result<u64, String> {
-    if !db_file.is_file() {
-        return Err(format!("there is no database at {}", db_file.display()));
+/// `kv backup`: copies the database (in use by a running kv or not) to `out` as a SQLite file,
+/// which appears only once complete. Returns its size.
+pub fn backup(db: &Database, out: &Path) -> Result<u64, String> {
+    if let Database::Sqlite { file, .. } = db {
+        if !file.is_file() {
+            return Err(format!("there is no database at {}", file.display()));
+        }
     }
     if out.exists() {
         return Err(format!(
@@ -99,8 +101,7 @@ pub fn backup(db_file: &Path, out: &Path) -> Result<u64, String> {
             out.display()
         ));
     }
-    let store = Store::open(db_file, crate::config::Sync::Full)
-        .map_err(|e| format!("cannot open {}: {e}", db_file.display()))?;
+    let store = Store::open(db).map_err(|e| format!("cannot open {db}: {e}"))?;
     let dir = out
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -196,7 +197,7 @@ pub fn restore(db_file: &Path, from: &Path) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::store;
+    use crate::store::sqlite::tests::store;
 
     #[test]
     fn a_backup_restores_to_the_same_data_and_the_old_database_is_kept() {
@@ -205,12 +206,13 @@ mod tests {
         s.put("c", "k", "1", 1, None).unwrap();
         s.set_revision(1).unwrap();
         let out = dir.path().join("backup.sqlite3");
-        let bytes = backup(&dir.path().join("kv.sqlite3"), &out).unwrap();
+        let db = Database::Sqlite {
+            file: dir.path().join("kv.sqlite3"),
+            sync: crate::config::Sync::Full,
+        };
+        let bytes = backup(&db, &out).unwrap();
         assert!(bytes > 0);
-        assert!(
-            backup(&dir.path().join("kv.sqlite3"), &out).is_err(),
-            "never overwrites"
-        );
+        assert!(backup(&db, &out).is_err(), "never overwrites");
         check(&out).unwrap();
         s.put("c", "k", "2", 2, None).unwrap();
         drop(s);
@@ -219,7 +221,7 @@ mod tests {
         std::fs::write(&db, b"").unwrap();
         let aside = restore(&db, &out).unwrap();
         assert!(aside.exists(), "the database it replaced is kept");
-        let restored = Store::open(&db, crate::config::Sync::Full).unwrap();
+        let restored = Sqlite::open(&db, crate::config::Sync::Full).unwrap();
         assert_eq!(restored.get("c", "k").unwrap().as_deref(), Some("1"));
         assert_eq!(restored.revision().unwrap(), 1);
     }

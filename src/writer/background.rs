@@ -8,7 +8,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use super::{EXPIRE_BATCH, Op, Outcome, PURGE_BATCH, Submitter};
-use crate::store::now_millis;
+use crate::store::{Store, now_millis};
+use crate::watch::Watch;
 
 /// The purge runs at least once a minute, and every second while the retention is under a minute.
 pub(super) fn purge_interval(retention: Duration) -> Duration {
@@ -84,6 +85,55 @@ pub(super) fn maintain(submitter: &Submitter, retention: Duration, stopping: &At
             Ok(Outcome::Compacting(true)) => continue,
             Ok(_) => return,
             Err(e) => return log::warn!("compacting the change log failed (it is retried): {e}"),
+        }
+    }
+}
+
+/// Wakes this node's waiters on commits made through other nodes sharing the database: reads the
+/// store-wide revision, and when it has moved, which collections the new revisions changed. One
+/// poller per node, however many clients wait.
+pub(super) struct Poller {
+    store: Store,
+    watch: Arc<Watch>,
+    seen: u64,
+    /// Whether the last poll failed, so an outage is logged once, not every poll.
+    failing: bool,
+}
+
+impl Poller {
+    pub(super) fn new(store: Store, watch: Arc<Watch>, seen: u64) -> Poller {
+        Poller {
+            store,
+            watch,
+            seen,
+            failing: false,
+        }
+    }
+
+    pub(super) fn poll(&mut self) {
+        let polled = self.store.revision().and_then(|rev| {
+            if rev <= self.seen {
+                return Ok(None);
+            }
+            Ok(Some((rev, self.store.changed_collections(self.seen, rev)?)))
+        });
+        match polled {
+            Ok(news) => {
+                if self.failing {
+                    log::info!("the database answers again");
+                    self.failing = false;
+                }
+                if let Some((rev, collections)) = news {
+                    self.watch
+                        .publish(rev, collections.iter().map(String::as_str));
+                    self.seen = rev;
+                }
+            }
+            Err(e) if !self.failing => {
+                log::warn!("cannot poll the database for changes (it is retried): {e}");
+                self.failing = true;
+            }
+            Err(_) => {}
         }
     }
 }

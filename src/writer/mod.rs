@@ -38,10 +38,13 @@ mod op;
 
 pub use op::{Cond, Done, ImportLine, Op, Outcome, Reply, Tags};
 
-use background::{Periodic, maintain, purge_interval, sweep};
+use background::{Periodic, Poller, maintain, purge_interval, sweep};
 
 /// Most writes committed together, so one huge group cannot hold every reply for long.
 const MAX_WRITES_PER_COMMIT: usize = 1024;
+/// How often a PostgreSQL node looks for commits made through other nodes (the most a long-poll
+/// on this node waits for one).
+const POLL_INTERVAL_MS: u64 = 50;
 /// How often the checkpointer copies newly committed pages into the database file.
 const CHECKPOINT_INTERVAL_MS: u64 = 100;
 /// WAL pages (4 KiB) after which the writer completes a checkpoint itself, so the WAL starts over.
@@ -125,25 +128,38 @@ impl Writer {
         watch: Arc<Watch>,
         metrics: Arc<Metrics>,
         space: Arc<Space>,
-        retention: Duration,
+        settings: Settings,
     ) -> std::io::Result<Writer> {
-        let checkpoints = store
-            .reopen()
-            .and_then(|c| {
-                store.limit_wal(WRITER_CHECKPOINT_PAGES, MAX_IDLE_WAL_BYTES)?;
-                Ok(c)
-            })
-            .map_err(std::io::Error::other)?;
         let rev = store.revision().map_err(std::io::Error::other)?;
-        let checkpointer = Periodic::start(
-            "kv-checkpoint",
-            Duration::from_millis(CHECKPOINT_INTERVAL_MS),
-            move |_| {
-                if let Err(e) = checkpoints.checkpoint_passive() {
-                    log::warn!("WAL checkpoint failed (it is retried): {e}");
-                }
-            },
-        )?;
+        // SQLite: checkpoints on a connection of their own. PostgreSQL: a poller that wakes this
+        // node's waiters on commits made through other nodes (kv does not depend on LISTEN, which
+        // PostgreSQL-compatible engines lack).
+        let companion = if store.is_sqlite() {
+            let checkpoints = store
+                .reopen()
+                .and_then(|c| {
+                    store.limit_wal(WRITER_CHECKPOINT_PAGES, MAX_IDLE_WAL_BYTES)?;
+                    Ok(c)
+                })
+                .map_err(std::io::Error::other)?;
+            Periodic::start(
+                "kv-checkpoint",
+                Duration::from_millis(CHECKPOINT_INTERVAL_MS),
+                move |_| {
+                    if let Err(e) = checkpoints.checkpoint_passive() {
+                        log::warn!("WAL checkpoint failed (it is retried): {e}");
+                    }
+                },
+            )?
+        } else {
+            let polls = store.reopen().map_err(std::io::Error::other)?;
+            let mut poller = Poller::new(polls, watch.clone(), rev);
+            Periodic::start(
+                "kv-poll",
+                Duration::from_millis(POLL_INTERVAL_MS),
+                move |_| poller.poll(),
+            )?
+        };
         let (jobs, queue) = channel::<Msg>();
         let queued = Arc::new(QueuedBytes::default());
         let submitter = Submitter { jobs, queued };
@@ -156,6 +172,7 @@ impl Writer {
             rev,
             stale: 0,
             compacting: None,
+            write_delay_ms: settings.write_delay_ms,
         };
         let thread = thread::Builder::new()
             .name("kv-writer".into())
@@ -170,13 +187,14 @@ impl Writer {
             },
         )?;
         let purges = submitter.clone();
+        let retention = settings.retention;
         let purger = Periodic::start("kv-maintain", purge_interval(retention), move |stopping| {
             maintain(&purges, retention, stopping)
         })?;
         Ok(Writer {
             submitter,
             thread,
-            checkpointer,
+            checkpointer: companion,
             sweeper,
             purger,
         })
@@ -249,9 +267,7 @@ fn run(mut writing: Writing, queue: Receiver<Msg>, queued: &QueuedBytes) {
         let rev = writing.rev;
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| writing.commit(&mut group))) {
             log::error!("the writer {}", Error::from_panic(panic));
-            if !writing.store.is_autocommit() {
-                let _ = writing.store.control("ROLLBACK");
-            }
+            let _ = writing.store.rollback();
             writing.rev = rev;
             fail_all(&mut group, "the writer panicked");
         }
@@ -281,6 +297,17 @@ struct Writing {
     stale: u64,
     /// Where the compaction pass under way has got to.
     compacting: Option<u64>,
+    /// Tests only: each transaction waits up to this long before COMMIT.
+    write_delay_ms: u64,
+}
+
+/// How the writer runs, from the settings.
+pub struct Settings {
+    /// How long the feed remembers deletions.
+    pub retention: Duration,
+    /// Tests only (`KV_TEST_WRITE_DELAY_MS`): each transaction waits up to this long before
+    /// COMMIT, holding the revision counter, to provoke out-of-order commits across nodes.
+    pub write_delay_ms: u64,
 }
 
 impl Writing {
@@ -290,13 +317,24 @@ impl Writing {
     fn commit(&mut self, group: &mut Vec<Job>) {
         let started = Instant::now();
         let mut failed: Vec<Option<Error>> = group.iter().map(|_| None).collect();
-        let start_rev = self.rev;
+        let mut start_rev = self.rev;
+        let mut retries = Retries::default();
         let (replies, changed) = 'attempt: loop {
-            self.rev = start_rev;
-            if let Err(e) = self.store.control("BEGIN IMMEDIATE") {
-                log::error!("cannot begin a write transaction: {e}");
-                return fail_all(group, "cannot begin a write transaction");
+            match self.store.begin_write() {
+                // PostgreSQL: the counter as other nodes left it, locked until COMMIT.
+                Ok(Some(rev)) => start_rev = rev,
+                Ok(None) => {}
+                Err(e) => {
+                    let e = Error::from(e);
+                    if retries.again(&e) {
+                        let _ = self.store.rollback();
+                        continue 'attempt;
+                    }
+                    log::error!("cannot begin a write transaction: {e}");
+                    return fail_all_with(group, &e);
+                }
             }
+            self.rev = start_rev;
             let mut replies = Vec::with_capacity(group.len());
             let mut changed = Vec::new();
             for (i, job) in group.iter().enumerate() {
@@ -305,40 +343,58 @@ impl Writing {
                     continue;
                 }
                 match self.apply(&job.op, &mut changed) {
-                    Err(e @ Error::Storage(_)) => {
+                    Err(e) if retries.again(&e) => {
+                        let _ = self.store.rollback();
+                        continue 'attempt;
+                    }
+                    Err(e @ (Error::Storage(_) | Error::DatabaseUnavailable(_))) => {
                         log::error!("write failed: {e}");
                         self.metrics.storage_error();
                         let e = self.disk_full_is(e);
-                        if !self.store.is_autocommit() {
-                            let _ = self.store.control("ROLLBACK");
-                        }
+                        let _ = self.store.rollback();
                         failed[i] = Some(e);
                         continue 'attempt;
                     }
                     reply => replies.push(Some(reply)),
                 }
             }
+            if self.write_delay_ms > 0 {
+                thread::sleep(Duration::from_millis(jitter(self.write_delay_ms)));
+            }
             let finished = if self.rev == start_rev {
-                self.store.control("COMMIT")
+                self.store.commit()
             } else {
                 self.store
                     .set_revision(self.rev)
-                    .and_then(|()| self.store.control("COMMIT"))
+                    .and_then(|()| self.store.commit())
             };
             if let Err(e) = finished {
+                let e = Error::from(e);
+                let _ = self.store.rollback();
+                if retries.again(&e) {
+                    // A lost connection may have lost the COMMIT's answer, not the COMMIT: look
+                    // before running the group again, never replay what is in.
+                    match self.store.committed(self.rev) {
+                        Ok(true) => {
+                            log::warn!("the connection went during COMMIT, which got through");
+                            break (replies, collection_names(changed));
+                        }
+                        Ok(false) => continue 'attempt,
+                        Err(e) => log::error!("cannot tell whether a commit got through: {e}"),
+                    }
+                }
                 log::error!("commit failed: {e}");
                 self.metrics.storage_error();
-                if !self.store.is_autocommit() {
-                    let _ = self.store.control("ROLLBACK");
-                }
                 self.rev = start_rev;
-                if let Error::StorageFull = self.disk_full_is(Error::Storage(e)) {
-                    for job in group.drain(..) {
-                        (job.done)(Err(Error::StorageFull));
+                match self.disk_full_is(e) {
+                    Error::StorageFull => {
+                        for job in group.drain(..) {
+                            (job.done)(Err(Error::StorageFull));
+                        }
+                        return;
                     }
-                    return;
+                    e => return fail_all_with(group, &e),
                 }
-                return fail_all(group, "commit failed");
             }
             // Only a quota needs the size after every commit; /ready and /metrics read it then.
             if self.space.max().is_some() {
@@ -347,11 +403,7 @@ impl Writing {
                     Err(e) => log::warn!("cannot read the database size: {e}"),
                 }
             }
-            // A group usually writes to few collections: one name each for the waiters.
-            changed.sort_unstable();
-            changed.dedup();
-            let changed: Vec<String> = changed.into_iter().map(Cow::into_owned).collect();
-            break (replies, changed);
+            break (replies, collection_names(changed));
         };
         if self.rev != start_rev {
             self.watch
@@ -453,9 +505,7 @@ impl Writing {
     /// any other error stays as it is.
     fn disk_full_is(&self, e: Error) -> Error {
         match &e {
-            Error::Storage(rusqlite::Error::SqliteFailure(failure, _))
-                if failure.code == rusqlite::ErrorCode::DiskFull =>
-            {
+            Error::Storage(db) if db.is_disk_full() => {
                 self.space.disk_full();
                 Error::StorageFull
             }
@@ -546,7 +596,7 @@ impl Writing {
                     self.space.admit(adds as u64)?;
                 }
                 // A savepoint makes the batch all-or-nothing inside the group's transaction.
-                self.store.control("SAVEPOINT batch")?;
+                self.store.savepoint()?;
                 let start_rev = self.rev;
                 let mut touched = Vec::new();
                 let mut outcomes = Vec::with_capacity(ops.len());
@@ -556,14 +606,13 @@ impl Writing {
                         Err(e) => {
                             self.rev = start_rev;
                             if !self.store.is_autocommit() {
-                                self.store.control("ROLLBACK TO batch")?;
-                                self.store.control("RELEASE batch")?;
+                                self.store.rollback_to_savepoint()?;
                             }
                             return Err(e.at_index(index));
                         }
                     }
                 }
-                self.store.control("RELEASE batch")?;
+                self.store.release_savepoint()?;
                 changed.extend(touched);
                 Ok(Outcome::Batch(outcomes))
             }
@@ -594,15 +643,85 @@ fn fail_all(group: &mut Vec<Job>, why: &str) {
     }
 }
 
+/// Fails every write of the group: 503 when the database is unreachable, else 500.
+fn fail_all_with(group: &mut Vec<Job>, e: &Error) {
+    match e {
+        Error::DatabaseUnavailable(why) => {
+            for job in group.drain(..) {
+                (job.done)(Err(Error::DatabaseUnavailable(why.clone())));
+            }
+        }
+        _ => fail_all(group, "the write transaction failed"),
+    }
+}
+
+/// The collections a group changed, each once, for the waiters.
+fn collection_names(mut changed: Vec<Cow<'_, str>>) -> Vec<String> {
+    changed.sort_unstable();
+    changed.dedup();
+    changed.into_iter().map(Cow::into_owned).collect()
+}
+
+/// Times a group runs again after PostgreSQL lost a race (serialization failure, deadlock) or
+/// the connection; then its writes get 503.
+const MAX_RETRIES: u32 = 8;
+
+/// The retries of one group, each after a jittered backoff doubling from 4 ms up to 200 ms
+/// (about a second in all), so nodes that collided do not collide again in step.
+#[derive(Default)]
+struct Retries {
+    done: u32,
+}
+
+impl Retries {
+    /// Whether to run the group again after `e` (having waited), or give up on it.
+    fn again(&mut self, e: &Error) -> bool {
+        let retryable = match e {
+            Error::DatabaseUnavailable(_) => true,
+            Error::Storage(db) => db.is_transient(),
+            _ => false,
+        };
+        if !retryable || self.done >= MAX_RETRIES {
+            return false;
+        }
+        self.done += 1;
+        log::debug!("write transaction retried ({}): {e}", self.done);
+        let ceiling = (2u64 << self.done).min(200);
+        thread::sleep(Duration::from_millis(jitter(ceiling).max(1)));
+        true
+    }
+}
+
+/// A pseudo-random number in `0..=max` (xorshift; backoff and test delays need no better).
+fn jitter(max: u64) -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
+                | 1,
+        );
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x % (max + 1)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Sync;
-    use crate::store::Range;
+    use crate::store::{Range, Sqlite};
 
     fn writer(dir: &tempfile::TempDir) -> (Writer, Store) {
         let path = dir.path().join("kv.sqlite3");
-        let mut store = Store::open(&path, Sync::Normal).unwrap();
+        let mut store = Sqlite::open(&path, Sync::Normal).unwrap();
         store.migrate().unwrap();
         // Storage failures on demand: writing key "boom" fails that statement, "doom" makes
         // SQLite roll back the whole transaction.
@@ -618,12 +737,21 @@ mod tests {
                  BEGIN SELECT RAISE(ROLLBACK, 'doom'); END",
             )
             .unwrap();
-        let reader = Store::open(&path, Sync::Normal).unwrap();
+        let reader = Store::from(Sqlite::open(&path, Sync::Normal).unwrap());
         let watch = Arc::new(Watch::new(0, 4));
         let metrics = Arc::new(Metrics::new().unwrap());
         let space = Arc::new(Space::new(dir.path(), 0, None));
-        let writer =
-            Writer::start(store, watch, metrics, space, Duration::from_secs(3600)).unwrap();
+        let writer = Writer::start(
+            store.into(),
+            watch,
+            metrics,
+            space,
+            Settings {
+                retention: Duration::from_secs(3600),
+                write_delay_ms: 0,
+            },
+        )
+        .unwrap();
         (writer, reader)
     }
 

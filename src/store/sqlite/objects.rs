@@ -4,31 +4,10 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Store, count, now_millis};
-
-/// Tombstone kinds, as stored in `tombstones.kind`.
-pub(super) const DELETED: i64 = 0;
-pub(super) const EXPIRED: i64 = 1;
-pub(super) const COLLECTION_DELETED: i64 = 2;
-
-/// What a read knows of an object besides its value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Version {
-    pub rev: u64,
-    /// When it expires (unix ms); `None`: never.
-    pub expires_at: Option<i64>,
-}
-
-/// Which part of a collection a list reads, in ascending key order.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Range<'a> {
-    /// Only keys starting with this (empty: all).
-    pub prefix: &'a str,
-    /// Only keys after this one (a page's cursor).
-    pub after: Option<&'a str>,
-    /// At most this many objects.
-    pub limit: Option<usize>,
-}
+use super::Sqlite;
+use crate::store::{
+    COLLECTION_DELETED, DELETED, EXPIRED, Range, Version, count, now_millis, prefix_end,
+};
 
 /// The list statements: with or without an upper bound for the prefix, with or without values.
 /// An object is live until its `expires_at`. The collection and the limit are bound through
@@ -47,7 +26,7 @@ const LIST_SQL: [&str; 4] = [
      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
 ];
 
-impl Store {
+impl Sqlite {
     /// The stored JSON text of one live object.
     #[cfg(test)]
     pub fn get(&self, collection: &str, key: &str) -> Result<Option<String>, rusqlite::Error> {
@@ -359,28 +338,10 @@ impl Store {
     }
 }
 
-/// The least string above every string that starts with `prefix` (None when there is none, or
-/// the prefix is empty): the prefix with its last character raised by one code point. UTF-8 byte
-/// order is code point order, so this bounds the prefix's range in SQLite's byte-wise order.
-fn prefix_end(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = match last as u32 {
-            0xD7FF => Some('\u{E000}'),
-            c => char::from_u32(c + 1),
-        };
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{counts, store};
+    use crate::store::sqlite::tests::{counts, store};
 
     #[test]
     fn put_get_overwrite_delete() {

@@ -4,45 +4,8 @@
 
 use rusqlite::params;
 
-use super::objects::{COLLECTION_DELETED, DELETED, EXPIRED};
-use super::{Store, count};
-
-/// What a change did to its key (or collection).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChangeKind {
-    Put,
-    Delete,
-    /// Deleted by expiry.
-    Expired,
-    /// The whole collection was deleted; the change has no key.
-    DeleteCollection,
-}
-
-/// One entry of the feed: the latest state of one key (or one collection delete).
-#[derive(Debug)]
-pub struct Change<'a> {
-    pub rev: u64,
-    pub collection: &'a str,
-    pub key: &'a str,
-    pub kind: ChangeKind,
-    /// The stored JSON text, for a put when values were asked for.
-    pub value: Option<&'a str>,
-    /// When a put's object expires (unix ms).
-    pub expires_at: Option<i64>,
-}
-
-/// What a feed read found besides its entries.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Page {
-    /// Entries handed out.
-    pub count: usize,
-    /// The revision of the last entry, or the store's revision when there was none.
-    pub last_rev: u64,
-    /// Whether more entries follow `last_rev`.
-    pub more: bool,
-    /// The store's revision in the snapshot read.
-    pub current_rev: u64,
-}
+use super::Sqlite;
+use crate::store::{Change, ChangeKind, Page, count};
 
 /// The four shapes of the feed query: one collection or all, with or without values. An entry
 /// is current when its key is still at its revision, live in `kv` or as a tombstone.
@@ -69,11 +32,11 @@ const FEED_SQL: [&str; 4] = [
      ORDER BY c.rev LIMIT (SELECT ?3)",
 ];
 
-impl Store {
+impl Sqlite {
     /// Runs `read` inside one read transaction, so everything it reads comes from one snapshot.
     pub fn snapshot<T, E: From<rusqlite::Error>>(
         &self,
-        read: impl FnOnce(&Store) -> Result<T, E>,
+        read: impl FnOnce(&Sqlite) -> Result<T, E>,
     ) -> Result<T, E> {
         self.control("BEGIN")?;
         let result = read(self);
@@ -135,15 +98,10 @@ impl Store {
                 page.more = true;
                 break;
             }
-            let kind = match row.get::<_, Option<i64>>(4)? {
-                None => ChangeKind::Put,
-                Some(DELETED) => ChangeKind::Delete,
-                Some(EXPIRED) => ChangeKind::Expired,
-                Some(COLLECTION_DELETED) => ChangeKind::DeleteCollection,
-                Some(other) => {
-                    return Err(rusqlite::Error::IntegralValueOutOfRange(4, other));
-                }
-            };
+            let tombstone = row.get::<_, Option<i64>>(4)?;
+            let kind = ChangeKind::from_tombstone(tombstone).ok_or(
+                rusqlite::Error::IntegralValueOutOfRange(4, tombstone.unwrap_or(0)),
+            )?;
             let change = Change {
                 rev: count(row.get(0)?),
                 collection: row.get_ref(1)?.as_str()?,
@@ -157,6 +115,18 @@ impl Store {
             page.last_rev = change.rev;
         }
         Ok(page)
+    }
+
+    /// The collections changed by revisions in `(after, upto]`.
+    pub fn changed_collections(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<String>, rusqlite::Error> {
+        self.conn
+            .prepare_cached("SELECT DISTINCT collection FROM changes WHERE rev > ?1 AND rev <= ?2")?
+            .query_map(params![after as i64, upto as i64], |row| row.get(0))?
+            .collect()
     }
 
     /// How many entries the feed's log holds, stale ones included.
@@ -236,9 +206,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::store;
+    use crate::store::sqlite::tests::store;
 
-    fn feed(s: &Store, since: u64, collection: Option<&str>, limit: usize) -> (Vec<String>, Page) {
+    fn feed(s: &Sqlite, since: u64, collection: Option<&str>, limit: usize) -> (Vec<String>, Page) {
         let mut seen = Vec::new();
         let page = s
             .snapshot(|s| {
@@ -257,7 +227,7 @@ mod tests {
         (seen, page)
     }
 
-    fn write<T>(s: &Store, rev: u64, f: impl FnOnce(&Store) -> T) {
+    fn write<T>(s: &Sqlite, rev: u64, f: impl FnOnce(&Sqlite) -> T) {
         s.control("BEGIN IMMEDIATE").unwrap();
         f(s);
         s.set_revision(rev).unwrap();
@@ -344,7 +314,7 @@ mod tests {
             s.put("d", "x", "5", 5, None).unwrap();
         });
         let before = feed(&s, 0, None, 10).0;
-        let entries = |s: &Store| s.feed_log_len().unwrap();
+        let entries = |s: &Sqlite| s.feed_log_len().unwrap();
         assert_eq!(entries(&s), 5);
         s.control("BEGIN IMMEDIATE").unwrap();
         assert_eq!(s.compact(0, 2).unwrap(), (Some(2), 1), "rev 1 is stale");

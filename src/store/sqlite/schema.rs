@@ -1,11 +1,11 @@
 //! The schema and its migrations: one SQL string per version, applied in order in one transaction
 //! before anything else touches the database.
 
-use super::Store;
+use super::Sqlite;
 
 /// The schema, one entry per version: entry N takes `user_version` from N to N+1.
 /// Never edit or reorder an entry; append a new one.
-pub(super) const MIGRATIONS: &[&str] = &[
+pub(in crate::store) const MIGRATIONS: &[&str] = &[
     // 1: the objects. The collection is its own column so no two (collection, key) pairs can collide.
     "CREATE TABLE kv (
         collection TEXT NOT NULL,
@@ -107,7 +107,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;",
 ];
 
-impl Store {
+impl Sqlite {
     /// Brings the schema up to date in one transaction; refuses a database made by a newer kv.
     pub fn migrate(&mut self) -> Result<(), String> {
         let tx = self
@@ -144,11 +144,11 @@ impl Store {
 mod tests {
     use super::*;
     use crate::config::Sync;
-    use crate::store::tests::{counts, store};
+    use crate::store::sqlite::tests::{counts, store};
     use rusqlite::Connection;
 
     /// A database at `version` holding `sql`'s rows, as an older kv left it.
-    fn old_database(dir: &tempfile::TempDir, version: usize, sql: &str) -> Store {
+    fn old_database(dir: &tempfile::TempDir, version: usize, sql: &str) -> Sqlite {
         let path = dir.path().join("kv.sqlite3");
         {
             let conn = Connection::open(&path).unwrap();
@@ -159,7 +159,7 @@ mod tests {
             conn.pragma_update(None, "user_version", version as i64)
                 .unwrap();
         }
-        let mut s = Store::open(&path, Sync::Full).unwrap();
+        let mut s = Sqlite::open(&path, Sync::Full).unwrap();
         s.migrate().unwrap();
         s
     }
