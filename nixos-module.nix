@@ -49,6 +49,8 @@ let
   db = cfg.database;
   usePostgresql = db.type == "postgresql";
   localPostgresql = usePostgresql && db.createLocally;
+  # A server elsewhere: kv-backup then needs the network too.
+  remotePostgresql = usePostgresql && !db.createLocally;
 
   # With createLocally: the database and the role are both `kv` (ensureDBOwnership needs the
   # same name), and the role is the unit's user, for peer authentication over the socket.
@@ -69,7 +71,7 @@ let
     db.passwordFile != null
   ) "${passwordCredential}:${db.passwordFile}";
 
-  # What kv is told about the database. Nothing for SQLite: without
+  # What kv and kv-backup are told about the database. Nothing for SQLite: without
   # KV_DATABASE_URL, kv uses kv.sqlite3 in DB_PATH.
   databaseEnvironment = {
     KV_DATABASE_URL = mkIf (db.url != null) db.url;
@@ -487,14 +489,18 @@ in
       };
     };
 
-    # `kv backup` runs as kv's own dynamic user (same name, so the same uid while both run) on a
-    # copy of the state directory's view, and writes the copy there; a privileged step then moves
-    # it into `backup.dir` (which the dynamic user cannot own) and prunes old ones.
+    # `kv backup` runs as kv's own dynamic user (same name, so the same uid while both run, and
+    # the same role for a local PostgreSQL) on a copy of the state directory's view, and writes
+    # the copy there; a privileged step then moves it into `backup.dir` (which the dynamic user
+    # cannot own) and prunes old ones. It is told about the database the way kv is.
     systemd.services.kv-backup = mkIf cfg.backup.enable {
       description = "Online backup of kv's database";
       inherit (cfg.backup) startAt;
-      after = [ "kv.service" ];
-      environment.RUST_LOG = cfg.logLevel;
+      after = [ "kv.service" ] ++ lib.optionals localPostgresql postgresqlAfter;
+      wants = lib.optionals localPostgresql postgresqlWants;
+      environment = databaseEnvironment // {
+        RUST_LOG = cfg.logLevel;
+      };
       serviceConfig = hardening // {
         Type = "oneshot";
         User = "kv";
@@ -503,7 +509,10 @@ in
         StateDirectory = "kv";
         StateDirectoryMode = "0700";
         UMask = "0077";
-        ExecStartPre = "${pkgs.coreutils}/bin/rm -f ${stateDir}/backup-in-progress.sqlite3";
+        ExecStartPre = [
+          "${pkgs.coreutils}/bin/rm -f ${stateDir}/backup-in-progress.sqlite3"
+        ]
+        ++ lib.optional urlFromEnvironmentFile requireDatabaseUrl;
         ExecStart = "${lib.getExe cfg.package} backup --out ${stateDir}/backup-in-progress.sqlite3 --db-path ${stateDir}";
         ExecStartPost = "+${pkgs.writeShellScript "kv-backup-keep" ''
           set -eu
@@ -513,10 +522,20 @@ in
           ls -1t ${lib.escapeShellArg cfg.backup.dir}/kv-*.sqlite3 | tail -n +${toString (cfg.backup.keep + 1)} \
             | xargs -r rm -f --
         ''}";
-        # The hardening of kv.service, and no network at all.
+        # The URL may be in the environment file; the password is a credential.
+        EnvironmentFile = mkIf (usePostgresql && cfg.environmentFile != null) cfg.environmentFile;
+        LoadCredential = mkIf (passwordCredentials != [ ]) passwordCredentials;
+        # The hardening of kv.service, and no network unless the database is elsewhere (a local
+        # PostgreSQL's Unix socket is a file, which a private network namespace still reaches).
         CapabilityBoundingSet = "";
-        PrivateNetwork = true;
-        RestrictAddressFamilies = [ "AF_UNIX" ];
+        PrivateNetwork = !remotePostgresql;
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+        ]
+        ++ lib.optionals remotePostgresql [
+          "AF_INET"
+          "AF_INET6"
+        ];
       };
     };
   };
