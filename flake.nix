@@ -210,6 +210,134 @@
                 assert result == "success" and status == "0", f"stop: Result={result} ExecMainStatus={status}"
           '';
         };
+
+      # Two kv servers on one machine over one local PostgreSQL: kv.service from the module
+      # (database.type = "postgresql", createLocally) on 3300, and kv-3301.service, the same unit
+      # on 3301 with a data directory of its own (a kv locks its DB_PATH). Both run as the user kv,
+      # which peer authentication lets in as the role kv.
+      vmTestPostgresql =
+        pkgs:
+        pkgs.testers.runNixOSTest {
+          name = "kv-postgresql";
+          nodes.machine =
+            { config, pkgs, ... }:
+            let
+              kv = config.systemd.services.kv;
+            in
+            {
+              imports = [ self.nixosModules.default ];
+              services.kv.enable = true;
+              services.kv.database.type = "postgresql";
+              services.kv.backup.enable = true;
+              systemd.services.kv-3301 = {
+                description = "kv on port 3301, on kv.service's database";
+                wantedBy = [ "multi-user.target" ];
+                inherit (kv) after wants;
+                # PATH is each unit's own, derived from its `path`.
+                environment = removeAttrs kv.environment [ "PATH" ] // {
+                  PORT = "3301";
+                  DB_PATH = "/var/lib/kv-3301";
+                };
+                serviceConfig = kv.serviceConfig // {
+                  StateDirectory = "kv-3301";
+                };
+              };
+              environment.systemPackages = [ pkgs.curl ];
+            };
+          testScript = ''
+            import json
+
+            a = "http://127.0.0.1:3300"
+            b = "http://127.0.0.1:3301"
+
+            def put(url, key, value):
+                body = json.dumps({"key": key, "value": value})
+                machine.succeed(
+                    "curl --fail --silent -X PUT -H 'Content-Type: application/json' "
+                    + f"--data '{body}' {url}/objects"
+                )
+
+            def get(url, key):
+                return json.loads(machine.succeed(f"curl --fail --silent {url}/objects/{key}"))["value"]
+
+            def main_pid(unit):
+                return machine.succeed(f"systemctl show --property=MainPID --value {unit}").strip()
+
+            def psql(query):
+                return machine.succeed(f"runuser -u postgres -- psql -tAc \"{query}\"").strip()
+
+            machine.wait_for_unit("postgresql.target")
+            for unit, port in (("kv.service", 3300), ("kv-3301.service", 3301)):
+                machine.wait_for_unit(unit)
+                machine.wait_for_open_port(port)
+            for url in (a, b):
+                machine.wait_until_succeeds(f"curl --fail --silent {url}/ready", timeout=60)
+
+            with subtest("a PUT through 3300 is read through 3301, and the other way"):
+                put(a, "greeting", {"text": "hello"})
+                assert get(b, "greeting") == {"text": "hello"}
+                put(b, "reply", {"text": "hi"})
+                assert get(a, "reply") == {"text": "hi"}
+
+            with subtest("kv is in PostgreSQL as the role kv, over the Unix socket"):
+                owner = psql("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'kv'")
+                assert owner == "kv", owner
+                sessions = psql(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    + "WHERE usename = 'kv' AND datname = 'kv' AND client_addr IS NULL"
+                )
+                assert int(sessions) > 0, sessions
+
+            with subtest("a long-poll on 3301 wakes on a write through 3300"):
+                since = json.loads(
+                    machine.succeed(f"curl --fail --silent '{b}/changes?since=0&values=false'")
+                )["last_rev"]
+                # set +e: the driver's `set -e` would skip writing the status of a failed curl.
+                machine.succeed(
+                    f"(set +e; curl --fail --silent '{b}/changes?since={since}&wait=30' "
+                    + "> /tmp/longpoll.json; echo $? > /tmp/longpoll.status) </dev/null >/dev/null 2>&1 &"
+                )
+                # Parked on 3301 before the write, so the write is what answers it.
+                machine.wait_until_succeeds(
+                    f"curl --fail --silent {b}/metrics > /tmp/metrics "
+                    + "&& grep -qx 'kv_change_waiters 1' /tmp/metrics",
+                    timeout=30,
+                )
+                put(a, "news", {"n": 1})
+                # Well within its 30 s wait.
+                machine.wait_until_succeeds("test -s /tmp/longpoll.status", timeout=15)
+                assert machine.succeed("cat /tmp/longpoll.status").strip() == "0"
+                page = json.loads(machine.succeed("cat /tmp/longpoll.json"))
+                assert [c["key"] for c in page["changes"]] == ["news"], page
+
+            with subtest("the backup unit reaches the database"):
+                machine.succeed("systemctl start kv-backup.service")
+                backups = machine.succeed("ls -1 /var/backup/kv/kv-*.sqlite3").split()
+                assert len(backups) == 1, backups
+
+            with subtest("PostgreSQL stops: /ready says 503, kv keeps running and reconnects"):
+                pids = [main_pid(u) for u in ("kv.service", "kv-3301.service")]
+                machine.succeed("systemctl stop postgresql.service")
+                for url in (a, b):
+                    machine.wait_until_succeeds(
+                        "test $(curl --silent --output /dev/null --write-out '%{http_code}' "
+                        + f"{url}/ready) = 503",
+                        timeout=60,
+                    )
+                machine.succeed("systemctl start postgresql.target")
+                for url in (a, b):
+                    machine.wait_until_succeeds(f"curl --fail --silent {url}/ready", timeout=60)
+                assert [main_pid(u) for u in ("kv.service", "kv-3301.service")] == pids
+                put(b, "after", {"n": 2})
+                assert get(a, "after") == {"n": 2}
+
+            with subtest("SIGTERM stops both cleanly"):
+                machine.succeed("systemctl stop kv.service kv-3301.service")
+                for unit in ("kv.service", "kv-3301.service"):
+                    result = machine.succeed(f"systemctl show --property=Result --value {unit}").strip()
+                    assert result == "success", f"{unit}: Result={result}"
+          '';
+        };
     in
     {
       packages = forAllSystems (
@@ -236,7 +364,10 @@
       checks = forAllSystems (
         pkgs:
         { package = self.packages.${pkgs.stdenv.hostPlatform.system}.default; }
-        // lib.optionalAttrs pkgs.stdenv.hostPlatform.isLinux { nixos = vmTest pkgs; }
+        // lib.optionalAttrs pkgs.stdenv.hostPlatform.isLinux {
+          nixos = vmTest pkgs;
+          postgresql = vmTestPostgresql pkgs;
+        }
       );
 
       devShells = forAllSystems (pkgs: {
