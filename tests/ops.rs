@@ -186,39 +186,45 @@ fn an_online_backup_restores_into_a_fresh_kv_with_exactly_its_data() {
     assert!(leftovers.is_empty(), "the temporary copy is deleted");
     let http_copy = dir.path().join("http-copy.sqlite3");
     std::fs::write(&http_copy, &resp.body).unwrap();
-    let mut copies = vec![http_copy];
-    // From the command line, against the directory of the running kv: it copies the SQLite file
-    // there, which a kv on PostgreSQL does not have.
-    if !common::on_postgres() {
-        let cli_copy = dir.path().join("cli-copy.sqlite3");
-        let db = dir.path().to_str().unwrap();
-        let (status, stdout, stderr) = common::run_to_exit(
-            &[],
-            &[
-                "backup",
-                "--out",
-                cli_copy.to_str().unwrap(),
-                "--db-path",
-                db,
-            ],
-        );
-        assert!(status.success(), "{stdout}{stderr}");
-        // A restore refuses while that kv runs, and changes nothing.
-        let (status, _, stderr) = common::run_to_exit(
-            &[],
-            &[
-                "restore",
-                "--from",
-                cli_copy.to_str().unwrap(),
-                "--db-path",
-                db,
-            ],
-        );
-        assert_eq!(status.code(), Some(1));
-        assert!(stderr.contains("another kv is running"), "{stderr}");
-        copies.push(cli_copy);
+    // From the command line, against the database of the running kv.
+    let cli_copy = dir.path().join("cli-copy.sqlite3");
+    let db = dir.path().to_str().unwrap();
+    let mut args = vec![
+        "backup",
+        "--out",
+        cli_copy.to_str().unwrap(),
+        "--db-path",
+        db,
+    ];
+    if let Some(url) = &s.database_url {
+        args.extend(["--database-url", url]);
     }
-    for copy in &copies {
+    let (status, stdout, stderr) = common::run_to_exit(&[], &args);
+    assert!(status.success(), "{stdout}{stderr}");
+    // A restore refuses while that kv runs, and changes nothing; into PostgreSQL, it always does.
+    let mut args = vec![
+        "restore",
+        "--from",
+        cli_copy.to_str().unwrap(),
+        "--db-path",
+        db,
+    ];
+    if let Some(url) = &s.database_url {
+        args.extend(["--database-url", url]);
+    }
+    let (status, _, stderr) = common::run_to_exit(&[], &args);
+    assert_eq!(status.code(), Some(1));
+    let refusal = if common::on_postgres() {
+        "not into PostgreSQL"
+    } else {
+        "another kv is running"
+    };
+    assert!(stderr.contains(refusal), "{stderr}");
+    assert_eq!(
+        s.get("/objects/k1?collection=a").json()["value"],
+        json!({"n": 1})
+    );
+    for copy in [&http_copy, &cli_copy] {
         let fresh = tempfile::tempdir().unwrap();
         let target = fresh.path().to_str().unwrap();
         let (status, stdout, stderr) = common::run_to_exit(
