@@ -1,6 +1,7 @@
 //! End-to-end tests of several kv nodes on one PostgreSQL database: a follower of one node's feed
-//! ends with exactly the data written through all of them, a long-poll on one node wakes on a
-//! write through another, and killing a node loses no acknowledged write. They need PostgreSQL
+//! ends with exactly the data written through all of them, compare-and-swap through different
+//! nodes never lets two writers win, a long-poll on one node wakes on a write through another, and
+//! killing a node loses no acknowledged write. They need PostgreSQL
 //! (`KV_TEST_POSTGRES_URL`, see .ci/postgres); on SQLite each says so and returns.
 
 mod common;
@@ -286,6 +287,62 @@ fn a_long_poll_on_one_node_wakes_on_a_write_through_another() {
     // Functional, not a speed limit: woken by the write, long before its 30 s were up.
     assert!(latency < Duration::from_secs(10), "woke after {latency:?}");
     println!("a write through node A woke node B's long-poll after {latency:?}");
+}
+
+#[test]
+fn compare_and_swap_through_three_nodes_counts_exactly() {
+    let Some((_dirs, nodes)) = nodes(3, &[("KV_TEST_WRITE_DELAY_MS", WRITE_DELAY_MS)]) else {
+        return;
+    };
+    assert_eq!(
+        nodes[0]
+            .put("/objects", r#"{"key":"counter","value":0}"#)
+            .status,
+        200
+    );
+    let (threads, increments) = (6, 20);
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let addr = nodes[t % nodes.len()].addr();
+            let conflicts = conflicts.clone();
+            thread::spawn(move || {
+                let s = TestServer::client(&addr);
+                for _ in 0..increments {
+                    loop {
+                        let current = s.get("/objects/counter");
+                        let n = current.json()["value"].as_i64().unwrap();
+                        let tag = current.header("etag").unwrap().to_string();
+                        let body = json!({"key": "counter", "value": n + 1}).to_string();
+                        let resp =
+                            s.request_with("PUT", "/objects", &[("If-Match", &tag)], Some(&body));
+                        match resp.status {
+                            200 => break,
+                            412 => conflicts.fetch_add(1, Ordering::SeqCst),
+                            other => panic!("{other}: {:?}", String::from_utf8_lossy(&resp.body)),
+                        };
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // Two writers through different nodes never both win against the same revision.
+    let expected = (threads * increments) as i64;
+    for node in &nodes {
+        let resp = node.get("/objects/counter");
+        assert_eq!(resp.json()["value"], expected);
+        assert_eq!(
+            resp.header("etag"),
+            Some(format!("\"{}\"", expected + 1).as_str())
+        );
+    }
+    println!(
+        "{expected} increments through 3 nodes, {} lost races answered 412",
+        conflicts.load(Ordering::SeqCst)
+    );
 }
 
 /// PUTs `body` to `addr` on a connection of its own; true when kv answered 200. Any failure
