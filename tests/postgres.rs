@@ -18,7 +18,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    /// A new cluster; None (after saying why) where .ci/postgres cannot make one, say against a
+    /// developer's own server without root, unless KV_TEST_REQUIRE_POSTGRES=1 makes that a failure.
+    fn start() -> Option<Cluster> {
         // Durable: an immediate stop would otherwise lose the commits of the last moment, which
         // synchronous_commit=off acknowledges before they are in the WAL.
         let out = Command::new(Cluster::script())
@@ -26,11 +28,15 @@ impl Cluster {
             .output()
             .expect("run .ci/postgres");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            ".ci/postgres start: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let why = format!(
+                ".ci/postgres start failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!common::postgres_required(), "{why}");
+            eprintln!("skipped: {why}");
+            return None;
+        }
         let export = |name: &str| {
             stdout
                 .lines()
@@ -38,10 +44,10 @@ impl Cluster {
                 .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
                 .to_string()
         };
-        Cluster {
+        Some(Cluster {
             dir: export("KV_TEST_POSTGRES_DIR"),
             url: export("KV_TEST_POSTGRES_URL"),
-        }
+        })
     }
 
     fn script() -> &'static str {
@@ -70,7 +76,9 @@ fn a_database_that_goes_away_answers_503_and_kv_reconnects_by_itself() {
     if common::postgres_only("stopping PostgreSQL").is_none() {
         return;
     }
-    let cluster = Cluster::start();
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start_node(dir.path(), &cluster.url, &[]);
     assert_eq!(s.put("/objects", r#"{"key":"a","value":1}"#).status, 200);

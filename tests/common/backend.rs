@@ -84,8 +84,13 @@ pub fn database_url(dir: &Path) -> Option<String> {
     Some(with_database(server, &name))
 }
 
+/// True when `KV_TEST_REQUIRE_POSTGRES=1`: what would skip for want of PostgreSQL fails instead.
+pub fn postgres_required() -> bool {
+    std::env::var("KV_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
+}
+
 fn find_backend() -> Result<Backend, String> {
-    let required = std::env::var("KV_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+    let required = postgres_required();
     let url = match std::env::var("KV_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => url,
         _ if required => {

@@ -9,7 +9,9 @@ mod backend;
 
 // Each test file uses a different part of the harness.
 #[allow(unused_imports)]
-pub use backend::{Backend, backend, database_url, on_postgres, postgres_only, sqlite_only};
+pub use backend::{
+    Backend, backend, database_url, on_postgres, postgres_only, postgres_required, sqlite_only,
+};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
