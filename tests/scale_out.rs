@@ -1,8 +1,9 @@
 //! End-to-end tests of several kv nodes on one PostgreSQL database: a follower of one node's feed
 //! ends with exactly the data written through all of them, compare-and-swap through different
-//! nodes never lets two writers win, a long-poll on one node wakes on a write through another, and
-//! killing a node loses no acknowledged write. They need PostgreSQL
-//! (`KV_TEST_POSTGRES_URL`, see .ci/postgres); on SQLite each says so and returns.
+//! nodes never lets two writers win, an object expires once though every node sweeps, a deletion
+//! one node forgets is forgotten by all, a long-poll on one node wakes on a write through another,
+//! and killing a node loses no acknowledged write. They need PostgreSQL (`KV_TEST_POSTGRES_URL`,
+//! see .ci/postgres); on SQLite each says so and returns.
 
 mod common;
 
@@ -343,6 +344,88 @@ fn compare_and_swap_through_three_nodes_counts_exactly() {
         "{expected} increments through 3 nodes, {} lost races answered 412",
         conflicts.load(Ordering::SeqCst)
     );
+}
+
+#[test]
+fn objects_expire_once_though_every_node_sweeps() {
+    let Some((_dirs, nodes)) = nodes(3, &[]) else {
+        return;
+    };
+    let expiring = 30;
+    for i in 0..expiring {
+        let body = json!({"key": format!("t{i}"), "value": i, "ttl": 1}).to_string();
+        assert_eq!(nodes[i % 3].put("/objects?collection=c", &body).status, 200);
+    }
+    assert_eq!(
+        nodes[0]
+            .put("/objects?collection=c", r#"{"key":"stays","value":1}"#)
+            .status,
+        200
+    );
+    for node in &nodes {
+        assert!(
+            eventually(Duration::from_secs(15), || node
+                .get("/collections/c")
+                .json()["count"]
+                == 1),
+            "{:?}",
+            node.get("/collections/c").json()
+        );
+    }
+    // Each expiry took one revision, whichever node's sweep found it first.
+    let expected_rev = (expiring + 1 + expiring) as u64;
+    for node in &nodes {
+        let feed = changes(node, "since=0");
+        assert_eq!(feed["last_rev"], expected_rev, "{feed}");
+        let entries = feed["changes"].as_array().unwrap();
+        assert_eq!(entries.len(), expiring + 1, "{feed}");
+        let expired = entries
+            .iter()
+            .filter(|c| c["expired"] == json!(true))
+            .count();
+        assert_eq!(expired, expiring, "{feed}");
+        assert_eq!(node.get("/collections/c").json()["rev"], expected_rev);
+    }
+}
+
+#[test]
+fn deletions_forgotten_by_one_node_are_forgotten_by_all() {
+    let Some((_dirs, nodes)) = nodes(2, &[("KV_CHANGES_RETENTION_SECS", "1")]) else {
+        return;
+    };
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(
+        a.put("/objects?collection=c", r#"{"key":"a","value":1}"#)
+            .status,
+        200
+    );
+    assert_eq!(
+        b.put("/objects?collection=c", r#"{"key":"b","value":2}"#)
+            .status,
+        200
+    );
+    assert_eq!(a.delete("/objects/a?collection=c").json()["rev"], 3);
+    for node in [a, b] {
+        assert!(
+            eventually(Duration::from_secs(10), || node
+                .get("/changes?since=1")
+                .status
+                == 410),
+            "the deletion was never forgotten"
+        );
+        let resp = node.get("/changes?since=2");
+        assert_eq!(
+            (
+                resp.json()["code"].clone(),
+                resp.json()["oldest_rev"].clone()
+            ),
+            (json!("changes_compacted"), json!(3))
+        );
+        assert_eq!(
+            changes(node, "since=0")["changes"],
+            json!([{"rev": 2, "collection": "c", "key": "b", "op": "put", "value": 2}])
+        );
+    }
 }
 
 /// PUTs `body` to `addr` on a connection of its own; true when kv answered 200. Any failure
