@@ -131,10 +131,18 @@ stop_server() {
 }
 
 busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# proc_ticks PID…: CPU ticks (user + system) the processes have used, summed.
+proc_ticks() {
+	local pid total=0
+	for pid in "$@"; do
+		total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+	done
+	echo "$total"
+}
 
-# run_wrk OUTFILE URL SCRIPT|- SERVER_PID ENV=… …: one measured run, wrk -t1 -c$CONNECTIONS
-# -d${DURATION}s. Also writes OUTFILE.cpu: "server% wrk% other% server_us", the CPU the server, wrk
+# run_wrk OUTFILE URL SCRIPT|- SERVER_PIDS ENV=… …: one measured run, wrk -t${WRK_THREADS:-1}
+# -c$CONNECTIONS -d${DURATION}s; SERVER_PIDS is one pid, or several separated by spaces (the nodes
+# of a cluster, counted as one server). Also writes OUTFILE.cpu: "server% wrk% other% server_us", the CPU the server, wrk
 # and everything else on the machine used during the run (server and wrk in % of one CPU, other in
 # % of all CPUs), because another busy process on the machine skews the numbers, and the server's
 # CPU time (user + system, /proc/PID/stat) per request in microseconds, which does not depend on
@@ -142,16 +150,17 @@ proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 run_wrk() {
 	local out=$1 url=$2 script=$3 server=$4 TIMEFORMAT='%U %S'
 	shift 4
-	local args=(-t1 "-c$CONNECTIONS" "-d${DURATION}s" --timeout 5s --latency)
+	local args=("-t${WRK_THREADS:-1}" "-c$CONNECTIONS" "-d${DURATION}s" --timeout 5s --latency)
 	[[ $script == - ]] || args+=(-s "$BENCH/$script")
 	local t0 busy0 server0
-	t0=$(date +%s%N) busy0=$(busy_ticks) server0=$(proc_ticks "$server")
+	# shellcheck disable=SC2086 # several pids, split on purpose
+	t0=$(date +%s%N) busy0=$(busy_ticks) server0=$(proc_ticks $server)
 	{ time timeout $((DURATION + 60)) env "$@" wrk "${args[@]}" "$url" >"$out" 2>&1; } 2>"$out.time" ||
 		{ cat "$out" >&2; die "wrk failed: $url $script"; }
 	local requests
 	requests=$(awk '/ requests in / {print $1}' "$out")
 	awk -v t0="$t0" -v t1="$(date +%s%N)" -v busy="$(($(busy_ticks) - busy0))" \
-		-v server="$(($(proc_ticks "$server") - server0))" -v hz="$(getconf CLK_TCK)" -v cpus="$(nproc)" \
+		-v server="$(($(proc_ticks $server) - server0))" -v hz="$(getconf CLK_TCK)" -v cpus="$(nproc)" \
 		-v requests="${requests:-0}" '
 		{ wrk = $1 + $2 }
 		END {

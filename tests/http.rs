@@ -677,6 +677,7 @@ fn data_survives_sigterm_and_restart() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(s.log().contains("stopped"), "{}", s.log());
     drop(idle);
+    // SQLite's WAL; PostgreSQL keeps its own.
     assert!(
         !dir.path().join("kv.sqlite3-wal").exists()
             || std::fs::metadata(dir.path().join("kv.sqlite3-wal"))
@@ -862,28 +863,35 @@ fn help_and_version() {
 fn flags_override_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let other = tempfile::tempdir().unwrap();
-    let s = TestServer::launch(
-        dir.path(),
-        &[
-            ("PORT", "abc"),
-            ("DB_PATH", other.path().to_str().unwrap()),
-            ("KV_HOST", "0.0.0.0"),
-        ],
-        &[
-            "--port",
-            "0",
-            "--db-path",
-            dir.path().to_str().unwrap(),
-            "--host=127.0.0.1",
-        ],
-    );
+    let mut env = vec![
+        ("PORT", "abc"),
+        ("DB_PATH", other.path().to_str().unwrap()),
+        ("KV_HOST", "0.0.0.0"),
+    ];
+    let mut args = vec![
+        "--port",
+        "0",
+        "--db-path",
+        dir.path().to_str().unwrap(),
+        "--host=127.0.0.1",
+    ];
+    // On PostgreSQL the database comes from a flag too, over a variable naming no server.
+    let database_flag = common::database_url(dir.path()).map(|url| format!("--database-url={url}"));
+    if let Some(flag) = &database_flag {
+        env.push(("KV_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"));
+        args.push(flag);
+    }
+    let s = TestServer::launch(dir.path(), &env, &args);
     s.assert_healthy();
     assert!(
         s.log().contains("listening on http://127.0.0.1:"),
         "{}",
         s.log()
     );
-    assert!(dir.path().join("kv.sqlite3").exists());
+    assert_eq!(s.put("/objects", r#"{"key":"k","value":1}"#).status, 200);
+    if !common::on_postgres() {
+        assert!(dir.path().join("kv.sqlite3").exists());
+    }
     assert!(!other.path().join("kv.sqlite3").exists());
 }
 

@@ -186,33 +186,44 @@ fn an_online_backup_restores_into_a_fresh_kv_with_exactly_its_data() {
     assert!(leftovers.is_empty(), "the temporary copy is deleted");
     let http_copy = dir.path().join("http-copy.sqlite3");
     std::fs::write(&http_copy, &resp.body).unwrap();
-    // From the command line, against the directory of the running kv.
+    // From the command line, against the database of the running kv.
     let cli_copy = dir.path().join("cli-copy.sqlite3");
     let db = dir.path().to_str().unwrap();
-    let (status, stdout, stderr) = common::run_to_exit(
-        &[],
-        &[
-            "backup",
-            "--out",
-            cli_copy.to_str().unwrap(),
-            "--db-path",
-            db,
-        ],
-    );
+    let mut args = vec![
+        "backup",
+        "--out",
+        cli_copy.to_str().unwrap(),
+        "--db-path",
+        db,
+    ];
+    if let Some(url) = &s.database_url {
+        args.extend(["--database-url", url]);
+    }
+    let (status, stdout, stderr) = common::run_to_exit(&[], &args);
     assert!(status.success(), "{stdout}{stderr}");
-    // A restore refuses while that kv runs, and changes nothing.
-    let (status, _, stderr) = common::run_to_exit(
-        &[],
-        &[
-            "restore",
-            "--from",
-            cli_copy.to_str().unwrap(),
-            "--db-path",
-            db,
-        ],
-    );
+    // A restore refuses while that kv runs, and changes nothing; into PostgreSQL, it always does.
+    let mut args = vec![
+        "restore",
+        "--from",
+        cli_copy.to_str().unwrap(),
+        "--db-path",
+        db,
+    ];
+    if let Some(url) = &s.database_url {
+        args.extend(["--database-url", url]);
+    }
+    let (status, _, stderr) = common::run_to_exit(&[], &args);
     assert_eq!(status.code(), Some(1));
-    assert!(stderr.contains("another kv is running"), "{stderr}");
+    let refusal = if common::on_postgres() {
+        "not into PostgreSQL"
+    } else {
+        "another kv is running"
+    };
+    assert!(stderr.contains(refusal), "{stderr}");
+    assert_eq!(
+        s.get("/objects/k1?collection=a").json()["value"],
+        json!({"n": 1})
+    );
     for copy in [&http_copy, &cli_copy] {
         let fresh = tempfile::tempdir().unwrap();
         let target = fresh.path().to_str().unwrap();
@@ -221,7 +232,8 @@ fn an_online_backup_restores_into_a_fresh_kv_with_exactly_its_data() {
             &["restore", "--from", copy.to_str().unwrap()],
         );
         assert!(status.success(), "{stdout}{stderr}");
-        let restored = TestServer::start(fresh.path());
+        // A restore makes a SQLite data directory, also from a kv on PostgreSQL.
+        let restored = TestServer::start_sqlite(fresh.path(), &[]);
         assert_eq!(
             restored.get("/objects/k1?collection=a").json()["value"],
             json!({"n": 1})
@@ -236,6 +248,11 @@ fn an_online_backup_restores_into_a_fresh_kv_with_exactly_its_data() {
 
 #[test]
 fn restore_keeps_the_database_it_replaces_and_refuses_junk() {
+    if common::sqlite_only(
+        "a restore replaces the SQLite file in DB_PATH; none goes into PostgreSQL",
+    ) {
+        return;
+    }
     let (dir, s) = server();
     s.put("/objects", r#"{"key":"old","value":1}"#);
     let copy = dir.path().join("copy.sqlite3");
@@ -268,11 +285,12 @@ fn restore_keeps_the_database_it_replaces_and_refuses_junk() {
 
 #[test]
 fn a_second_kv_on_the_same_directory_is_refused() {
-    let (dir, _s) = server();
-    let (status, _, stderr) = common::run_to_exit(
-        &[("PORT", "0"), ("DB_PATH", dir.path().to_str().unwrap())],
-        &[],
-    );
+    let (dir, s) = server();
+    let mut env = vec![("PORT", "0"), ("DB_PATH", dir.path().to_str().unwrap())];
+    if let Some(url) = &s.database_url {
+        env.push(("KV_DATABASE_URL", url));
+    }
+    let (status, _, stderr) = common::run_to_exit(&env, &[]);
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("another kv is running"), "{stderr}");
 }
