@@ -168,6 +168,25 @@ fn prefixes_keys_only_and_bad_parameters() {
         s.get("/objects?collection=p&prefix=zzz").json(),
         json!({"count": 0, "objects": {}})
     );
+    // NUL, which no key holds (and PostgreSQL text cannot): a prefix with it matches nothing,
+    // and a cursor after "app\0" (base64url YXBwAA) sorts between "app" and "app/1".
+    for query in [
+        "prefix=app%00",
+        "prefix=%00&limit=5",
+        "prefix=a%00p&keys_only=true",
+    ] {
+        let resp = s.get(&format!("/objects?collection=p&{query}"));
+        assert_eq!(
+            (resp.status, resp.json()["count"].clone()),
+            (200, json!(0)),
+            "{query}"
+        );
+    }
+    assert_eq!(
+        s.get("/objects?collection=p&keys_only=true&limit=2&cursor=YXBwAA")
+            .json()["keys"],
+        json!(["app/1", "app/2"])
+    );
     for (query, code) in [
         ("limit=0", "invalid_limit"),
         ("limit=10001", "invalid_limit"),

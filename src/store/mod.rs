@@ -97,7 +97,7 @@ impl fmt::Display for DbError {
         match self {
             DbError::Sqlite(e) => write!(f, "{e}"),
             #[cfg(feature = "postgres")]
-            DbError::Postgres(e) => write!(f, "{e}"),
+            DbError::Postgres(e) => f.write_str(&postgres::describe(e)),
         }
     }
 }

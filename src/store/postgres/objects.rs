@@ -59,6 +59,13 @@ impl Postgres {
         values: bool,
         mut each: impl FnMut(&str, Option<&str>),
     ) -> Result<(usize, bool), postgres::Error> {
+        // PostgreSQL text cannot hold NUL, and no key contains one (names refuse control
+        // characters): a prefix with NUL matches nothing, and a cursor key cut at its NUL sorts
+        // against every key as the whole one does.
+        if range.prefix.contains('\0') {
+            return Ok((0, false));
+        }
+        let after = range.after.map(|a| a.split('\0').next().unwrap_or(""));
         let upper = prefix_end(range.prefix);
         let sql = LIST_SQL[usize::from(upper.is_some()) * 2 + usize::from(values)];
         // One more than the limit tells whether more follow.
@@ -68,7 +75,7 @@ impl Postgres {
             sql,
             &[
                 &collection,
-                &range.after.unwrap_or(""),
+                &after.unwrap_or(""),
                 &range.prefix,
                 &upper,
                 &now_millis(),
