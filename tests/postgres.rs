@@ -15,6 +15,8 @@ use serde_json::json;
 struct Cluster {
     dir: String,
     url: String,
+    /// The certificate authority that signed the cluster's TLS certificate.
+    ca: String,
 }
 
 impl Cluster {
@@ -47,6 +49,7 @@ impl Cluster {
         Some(Cluster {
             dir: export("KV_TEST_POSTGRES_DIR"),
             url: export("KV_TEST_POSTGRES_URL"),
+            ca: export("KV_TEST_POSTGRES_CA"),
         })
     }
 
@@ -136,5 +139,68 @@ fn a_database_that_goes_away_answers_503_and_kv_reconnects_by_itself() {
             {"rev": 2, "collection": "default", "key": "b", "op": "put", "value": 2},
             {"rev": 3, "collection": "default", "key": "a", "op": "delete"}
         ], "last_rev": 3, "more": false})
+    );
+}
+
+/// Whether every connection kv (application_name kv) has open to the cluster is encrypted, and
+/// how many there are.
+fn kv_connections_encrypted(cluster: &Cluster) -> (bool, i64) {
+    let mut client = postgres::Client::connect(&cluster.url, postgres::NoTls).unwrap();
+    let row = client
+        .query_one(
+            "SELECT coalesce(bool_and(s.ssl), false), count(*) FROM pg_stat_activity a
+             JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'kv'",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[test]
+fn tls_encrypts_by_default_and_verify_full_checks_the_certificate() {
+    if common::postgres_only("TLS to PostgreSQL").is_none() {
+        return;
+    }
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Without sslmode (prefer) and with require: encrypted, the certificate not checked.
+    for mode in ["", "?sslmode=require"] {
+        let s = TestServer::start_node(dir.path(), &format!("{}{mode}", cluster.url), &[]);
+        assert_eq!(s.put("/objects", r#"{"key":"a","value":1}"#).status, 200);
+        let (encrypted, n) = kv_connections_encrypted(&cluster);
+        assert!(
+            encrypted && n >= 2,
+            "{mode:?}: {n} connections, encrypted: {encrypted}"
+        );
+        drop(s);
+    }
+    // verify-full against the system's roots, here the cluster's own authority...
+    let url = format!("{}?sslmode=verify-full", cluster.url);
+    let s = TestServer::start_node(dir.path(), &url, &[("SSL_CERT_FILE", &cluster.ca)]);
+    assert_eq!(s.get("/objects/a").json()["value"], 1);
+    drop(s);
+    // ...and against roots that do not include it: kv refuses to start, in one line.
+    let no_roots = dir.path().join("no-roots.pem");
+    std::fs::write(&no_roots, "").unwrap();
+    let data = dir.path().join("data");
+    let (status, _, stderr) = common::run_to_exit(
+        &[
+            ("KV_DATABASE_URL", &url),
+            ("DB_PATH", data.to_str().unwrap()),
+            ("PORT", "0"),
+            ("SSL_CERT_FILE", no_roots.to_str().unwrap()),
+        ],
+        &[],
+    );
+    assert!(!status.success());
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or("");
+    assert!(
+        line.contains("cannot connect") && line.contains("certificate"),
+        "{stderr}"
     );
 }
