@@ -481,46 +481,4 @@ pub(crate) fn describe(e: &postgres::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_parse_with_their_tls_mode_and_never_show_the_password() {
-        let t = Target::parse(
-            "postgres://kv:secret@db.example:6543/kv?sslmode=verify-full",
-            None,
-        )
-        .unwrap();
-        assert_eq!(t.tls, Tls::Verify);
-        assert_eq!(
-            t.to_string(),
-            "postgres://kv@db.example:6543/kv (sslmode verify-full)"
-        );
-        assert!(!format!("{t:?}").contains("secret"));
-        let t = Target::parse("postgresql:///kv?host=/run/postgresql", Some("pw")).unwrap();
-        assert_eq!(t.tls, Tls::Prefer);
-        let me = os_user().unwrap();
-        assert_eq!(
-            t.to_string(),
-            format!("postgres://{me}@/run/postgresql/kv (sslmode prefer)")
-        );
-        assert_eq!(t.config.get_password(), Some(&b"pw"[..]));
-        let t =
-            Target::parse("postgres://kv@h/kv?sslmode=require&connect_timeout=2", None).unwrap();
-        assert_eq!(t.tls, Tls::Require);
-        assert_eq!(
-            t.config.get_connect_timeout(),
-            Some(&Duration::from_secs(2))
-        );
-    }
-
-    #[test]
-    fn bad_urls_are_refused_with_the_reason() {
-        let e = Target::parse("mysql://kv@h/kv", None).unwrap_err();
-        assert!(e.contains("postgres://"), "{e}");
-        let e = Target::parse("postgres://kv@h/kv?sslmode=always", None).unwrap_err();
-        assert!(e.contains("sslmode=always"), "{e}");
-        let e = Target::parse("postgres://kv@h/kv?nonsense=1", None).unwrap_err();
-        assert!(e.contains("not a PostgreSQL URL"), "{e}");
-    }
-}
+mod tests;

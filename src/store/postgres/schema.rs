@@ -12,7 +12,7 @@ use super::Postgres;
 
 /// The schema, one entry per version: entry N takes `kv_schema.version` from N to N+1.
 /// Never edit or reorder an entry; append a new one.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: the whole model of SQLite's schema version 5.
     r#"CREATE TABLE kv (
         collection text COLLATE "C" NOT NULL,
