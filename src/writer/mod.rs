@@ -160,6 +160,7 @@ impl Writer {
                 move |_| poller.poll(),
             )?
         };
+        let peeks = store.reopen().map_err(std::io::Error::other)?;
         let (jobs, queue) = channel::<Msg>();
         let queued = Arc::new(QueuedBytes::default());
         let submitter = Submitter { jobs, queued };
@@ -183,7 +184,12 @@ impl Writer {
             Duration::from_millis(EXPIRE_INTERVAL_MS),
             move |stopping| {
                 space.recover();
-                sweep(&sweeps, stopping)
+                // A sweep is a write transaction (on PostgreSQL one that locks the revision
+                // counter and syncs its commit): look first, on a connection of the sweep's own.
+                let due = peeks.expired(now_millis(), 1);
+                if matches!(due, Ok(due) if !due.is_empty()) {
+                    sweep(&sweeps, stopping)
+                }
             },
         )?;
         let purges = submitter.clone();

@@ -77,7 +77,14 @@ impl Postgres {
                 Err(e)
                     if attempt < 3
                         && e.code().is_some_and(|c| {
-                            *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE
+                            // The loser of the race on the table's row type says so in one
+                            // of these ways, depending on where it lost.
+                            [
+                                SqlState::UNIQUE_VIOLATION,
+                                SqlState::DUPLICATE_TABLE,
+                                SqlState::DUPLICATE_OBJECT,
+                            ]
+                            .contains(c)
                         }) => {}
                 Err(e) => return Err(failed(e)),
             }
