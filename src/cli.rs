@@ -268,6 +268,9 @@ pub fn parse_copy(restore: bool, args: &[String], defaults: CopyDefaults) -> Res
         }
     }
     let file = file.ok_or_else(|| format!("kv {verb} needs {file_flag} FILE ({usage})"))?;
+    if args.iter().any(|a| a.starts_with("--database-url")) {
+        crate::config::refuse_password_in_flag(url.as_deref())?;
+    }
     Ok(if restore {
         Copy::Restore {
             from: file,

@@ -205,6 +205,9 @@ impl Config {
             };
             *slot = Some(value);
         }
+        if args.iter().any(|a| a.starts_with("--database-url")) {
+            refuse_password_in_flag(database_url.as_deref())?;
+        }
 
         let config = Config {
             host: match host {
@@ -383,6 +386,24 @@ pub fn database(
     }
 }
 
+/// A password in `--database-url` would be on the command line, which every user of the machine
+/// can read (`ps`): refused, with where to put it instead.
+pub fn refuse_password_in_flag(url: Option<&str>) -> Result<(), String> {
+    let Some(url) = url else { return Ok(()) };
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split(['/', '?']).next().unwrap_or(""));
+    match authority.rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => Err(
+            "--database-url must not carry a password (the command line is visible to every \
+             user): put it in a file named by KV_DATABASE_PASSWORD_FILE, or the URL in \
+             KV_DATABASE_URL"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `KV_DATABASE_URL`: empty means unset; the URL itself is parsed when the database is opened.
 fn parse_database_url(url: Option<String>) -> Result<Option<String>, String> {
     match url.map(|u| u.trim().to_string()) {
@@ -479,6 +500,43 @@ mod tests {
             Ok(Command::Run(c)) => c,
             other => panic!("expected a config, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_database_url_is_taken_from_env_or_flag_but_a_password_only_from_the_env() {
+        let url = "postgres://kv@db.example/kv";
+        assert_eq!(
+            config(&[("KV_DATABASE_URL", url)], &[])
+                .database_url
+                .as_deref(),
+            Some(url)
+        );
+        assert_eq!(
+            config(
+                &[("KV_DATABASE_URL", "postgres://x@y/z")],
+                &["--database-url", url]
+            )
+            .database_url
+            .as_deref(),
+            Some(url)
+        );
+        assert_eq!(config(&[("KV_DATABASE_URL", " ")], &[]).database_url, None);
+        let secret = "postgres://kv:hunter2@db.example/kv";
+        let err = parse(&[], &["--database-url", secret]).unwrap_err();
+        assert!(err.contains("KV_DATABASE_PASSWORD_FILE"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = parse(&[], &[&format!("--database-url={secret}")]).unwrap_err();
+        assert!(err.contains("must not carry a password"), "{err}");
+        assert!(parse(&[], &["backup", "--out", "f", "--database-url", secret]).is_err());
+        // From the environment, where other users cannot read it, it is accepted.
+        assert_eq!(
+            config(&[("KV_DATABASE_URL", secret)], &[])
+                .database_url
+                .as_deref(),
+            Some(secret)
+        );
+        let err = parse(&[("KV_DATABASE_URL", "mysql://kv@h/kv")], &[]).unwrap_err();
+        assert!(err.contains("postgres://"), "{err}");
     }
 
     #[test]
