@@ -5,20 +5,27 @@
 //! change feed's log and the store-wide revision, in the same tables; `backup.rs` copies whole
 //! databases.
 //!
-//! One `Store` is one connection. Reads take one from the `Pool`; the writer thread owns the one
-//! that writes (on PostgreSQL, one per node, all serialised by the revision counter's row lock).
+//! One `Store` is one connection. Reads take one from the `Pool` (`pool.rs`); the writer thread
+//! owns the one that writes (on PostgreSQL, one per node, all serialised by the revision counter's
+//! row lock).
+//!
+//! `Store`'s methods are the list of things kv asks of a database. It is an enum over the two
+//! backends rather than a trait object: the backend is chosen at run time from the settings,
+//! many methods hand rows to generic callbacks (which a `dyn` trait cannot take), and each method
+//! is one `match`, which the compiler checks covers both backends with the same signature.
 
 pub mod backup;
+mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Sync;
+pub use pool::Pool;
 pub use sqlite::Sqlite;
 
 /// The collection used when a request names none.
@@ -544,119 +551,6 @@ impl Store {
     }
 }
 
-/// A fixed set of read connections shared by the connection threads: a request takes one for as
-/// long as it reads (never while it waits for a commit or for changes) and gives it back. A
-/// connection given back goes straight to the thread that has waited longest: with a plain
-/// condition variable the thread that gave it back could take it again before the one it woke
-/// ran, and on PostgreSQL (where a read holds its connection for a network round trip) some
-/// requests waited seconds behind the others.
-pub struct Pool {
-    state: Mutex<PoolState>,
-    db: Database,
-}
-
-struct PoolState {
-    /// Connections nobody holds; never any while a thread waits.
-    idle: Vec<Store>,
-    /// The threads waiting for a connection, oldest first.
-    waiting: std::collections::VecDeque<Arc<Waiter>>,
-}
-
-/// A thread waiting for a connection, and where it finds the one handed to it.
-struct Waiter {
-    thread: std::thread::Thread,
-    handed: Mutex<Option<Store>>,
-}
-
-/// A read connection checked out of a `Pool`; goes back when dropped.
-pub struct Pooled<'a> {
-    pool: &'a Pool,
-    store: Option<Store>,
-}
-
-impl Pool {
-    /// Opens `size` read connections to the database.
-    pub fn open(db: &Database, size: usize) -> Result<Pool, DbError> {
-        let idle = (0..size)
-            .map(|_| Store::open(db))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Pool {
-            state: Mutex::new(PoolState {
-                idle,
-                waiting: std::collections::VecDeque::new(),
-            }),
-            db: db.clone(),
-        })
-    }
-
-    /// A connection of its own, outside the pool, for a read that may take long (a list streamed
-    /// to a slow client must not keep a pooled connection from the others).
-    pub fn dedicated(&self) -> Result<Store, DbError> {
-        Store::open(&self.db)
-    }
-
-    /// A connection, waiting (behind those who came first) for one to come back when all are in
-    /// use.
-    pub fn get(&self) -> Pooled<'_> {
-        let waiter = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(store) = state.idle.pop() {
-                return Pooled {
-                    pool: self,
-                    store: Some(store),
-                };
-            }
-            let waiter = Arc::new(Waiter {
-                thread: std::thread::current(),
-                handed: Mutex::new(None),
-            });
-            state.waiting.push_back(waiter.clone());
-            waiter
-        };
-        loop {
-            if let Some(store) = waiter
-                .handed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            {
-                return Pooled {
-                    pool: self,
-                    store: Some(store),
-                };
-            }
-            std::thread::park();
-        }
-    }
-}
-
-impl std::ops::Deref for Pooled<'_> {
-    type Target = Store;
-
-    fn deref(&self) -> &Store {
-        // Present from `get` until `drop`.
-        self.store
-            .as_ref()
-            .expect("a pooled store is present until dropped")
-    }
-}
-
-impl Drop for Pooled<'_> {
-    fn drop(&mut self) {
-        if let Some(store) = self.store.take() {
-            let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
-            match state.waiting.pop_front() {
-                Some(waiter) => {
-                    drop(state);
-                    *waiter.handed.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
-                    waiter.thread.unpark();
-                }
-                None => state.idle.push(store),
-            }
-        }
-    }
-}
-
 /// Database integers are signed; a count or revision is never negative.
 pub(crate) fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
@@ -686,81 +580,4 @@ pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
         }
     }
     None
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn the_pool_lends_each_connection_to_one_holder_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("kv.sqlite3");
-        sqlite::tests::store(&dir);
-        let db = Database::Sqlite {
-            file,
-            sync: Sync::Full,
-        };
-        let pool = std::sync::Arc::new(Pool::open(&db, 1).unwrap());
-        let held = pool.get();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiting = pool.clone();
-        let t = std::thread::spawn(move || {
-            let store = waiting.get();
-            store.ping().unwrap();
-            tx.send(()).unwrap();
-        });
-        assert!(
-            rx.recv_timeout(Duration::from_millis(100)).is_err(),
-            "lent twice"
-        );
-        drop(held);
-        rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        t.join().unwrap();
-    }
-
-    #[test]
-    fn a_connection_given_back_goes_to_the_longest_waiting_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("kv.sqlite3");
-        sqlite::tests::store(&dir);
-        let db = Database::Sqlite {
-            file,
-            sync: Sync::Full,
-        };
-        let pool = std::sync::Arc::new(Pool::open(&db, 1).unwrap());
-        let held = pool.get();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiting = |n: usize| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while pool.state.lock().unwrap().waiting.len() < n {
-                assert!(std::time::Instant::now() < deadline, "no waiter {n}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        let threads: Vec<_> = ["first", "second"]
-            .into_iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let (pool, tx) = (pool.clone(), tx.clone());
-                let t = std::thread::spawn(move || {
-                    let store = pool.get();
-                    tx.send(name).unwrap();
-                    drop(store);
-                });
-                waiting(i + 1);
-                t
-            })
-            .collect();
-        drop(held);
-        let order: Vec<_> = (0..2)
-            .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
-            .collect();
-        assert_eq!(order, ["first", "second"]);
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert_eq!(pool.state.lock().unwrap().idle.len(), 1);
-    }
 }
