@@ -220,8 +220,9 @@ impl Postgres {
         Ok(row.get(0))
     }
 
+    /// Removes one live object, leaving a tombstone at revision `rev`; says whether it was there.
     pub fn delete(&self, collection: &str, key: &str, rev: u64) -> Result<bool, postgres::Error> {
-        let row = self.query_one(
+        self.bury(
             "WITH gone AS (
                  DELETE FROM kv WHERE collection = $1 AND key = $2
                  AND (expires_at IS NULL OR expires_at > $3) RETURNING 1),
@@ -230,19 +231,9 @@ impl Postgres {
                  SELECT $4, $1, $2, $5, $3 FROM gone),
              logged AS (INSERT INTO changes (rev, collection, key) SELECT $4, $1, $2 FROM gone)
              SELECT count(*) FROM gone",
-            &[
-                &collection,
-                &key,
-                &now_millis(),
-                &(rev as i64),
-                &(DELETED as i16),
-            ],
-        )?;
-        let removed = row.get::<_, i64>(0) > 0;
-        if removed {
-            self.wrote(rev, collection, key);
-        }
-        Ok(removed)
+            (collection, key, rev),
+            DELETED,
+        )
     }
 
     pub fn expired(
@@ -261,8 +252,9 @@ impl Postgres {
             .collect())
     }
 
+    /// Removes one expired object, leaving a tombstone of kind "expired" at revision `rev`.
     pub fn expire(&self, collection: &str, key: &str, rev: u64) -> Result<bool, postgres::Error> {
-        let row = self.query_one(
+        self.bury(
             "WITH gone AS (
                  DELETE FROM kv WHERE collection = $1 AND key = $2 AND expires_at <= $3
                  RETURNING 1),
@@ -271,12 +263,27 @@ impl Postgres {
                  SELECT $4, $1, $2, $5, $3 FROM gone),
              logged AS (INSERT INTO changes (rev, collection, key) SELECT $4, $1, $2 FROM gone)
              SELECT count(*) FROM gone",
+            (collection, key, rev),
+            EXPIRED,
+        )
+    }
+
+    /// Runs a statement that removes one object and, if it did, leaves its tombstone of `kind`
+    /// and its feed entry at revision `rev` (parameters: collection, key, now, rev, kind).
+    fn bury(
+        &self,
+        sql: &'static str,
+        (collection, key, rev): (&str, &str, u64),
+        kind: i64,
+    ) -> Result<bool, postgres::Error> {
+        let row = self.query_one(
+            sql,
             &[
                 &collection,
                 &key,
                 &now_millis(),
                 &(rev as i64),
-                &(EXPIRED as i16),
+                &(kind as i16),
             ],
         )?;
         let removed = row.get::<_, i64>(0) > 0;
