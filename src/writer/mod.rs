@@ -380,7 +380,13 @@ impl Writing {
                 if retries.again(&e) {
                     // A lost connection may have lost the COMMIT's answer, not the COMMIT: look
                     // before running the group again, never replay what is in.
-                    match self.store.committed(self.rev) {
+                    // A group that changed nothing can simply run again.
+                    let changed_nothing = self.rev == start_rev;
+                    match self
+                        .store
+                        .committed(self.rev)
+                        .map(|c| c && !changed_nothing)
+                    {
                         Ok(true) => {
                             log::warn!("the connection went during COMMIT, which got through");
                             break (replies, collection_names(changed));
