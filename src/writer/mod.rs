@@ -381,12 +381,12 @@ impl Writing {
                     // A lost connection may have lost the COMMIT's answer, not the COMMIT: look
                     // before running the group again, never replay what is in.
                     // A group that changed nothing can simply run again.
-                    let changed_nothing = self.rev == start_rev;
-                    match self
-                        .store
-                        .committed(self.rev)
-                        .map(|c| c && !changed_nothing)
-                    {
+                    let got_through = if self.rev == start_rev {
+                        Ok(false)
+                    } else {
+                        self.store.committed(self.rev)
+                    };
+                    match got_through {
                         Ok(true) => {
                             log::warn!("the connection went during COMMIT, which got through");
                             break (replies, collection_names(changed));
