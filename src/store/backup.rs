@@ -90,10 +90,11 @@ impl Sqlite {
 /// `kv backup`: copies the database (in use by a running kv or not) to `out` as a SQLite file,
 /// which appears only once complete. Returns its size.
 pub fn backup(db: &Database, out: &Path) -> Result<u64, String> {
-    if let Database::Sqlite { file, .. } = db {
-        if !file.is_file() {
+    match db {
+        Database::Sqlite { file, .. } if !file.is_file() => {
             return Err(format!("there is no database at {}", file.display()));
         }
+        _ => {}
     }
     if out.exists() {
         return Err(format!(
