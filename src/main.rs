@@ -80,7 +80,13 @@ fn run(config: &Config) -> Result<(), String> {
         let _ = on_signal.send(http::Stop::Signal);
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    let server = http::serve(config, &writer, watch, metrics, space, auth, stops)?;
+    let services = http::Services {
+        watch,
+        metrics,
+        space,
+        auth,
+    };
+    let server = http::serve(config, &database, &writer, services, stops)?;
     log::info!(
         "kv {} listening on http://{} (database {database}, {} read connections)",
         env!("CARGO_PKG_VERSION"),

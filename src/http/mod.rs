@@ -45,8 +45,8 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::space::Space;
-use crate::store::Pool;
 use crate::store::backup::TempFile;
+use crate::store::{Database, Pool};
 use crate::watch::Watch;
 use crate::writer::{Submitter, Writer};
 use accept::{accept, listen, max_connections};
@@ -121,21 +121,32 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Binds, opens the read connections and starts the accept thread.
+/// What the requests share besides the database and the writer.
+pub struct Services {
+    pub watch: Arc<Watch>,
+    pub metrics: Arc<Metrics>,
+    pub space: Arc<Space>,
+    pub auth: Arc<Auth>,
+}
+
+/// Binds, opens the read connections to `database` and starts the accept thread.
 pub fn serve(
     config: &Config,
+    database: &Database,
     writer: &Writer,
-    watch: Arc<Watch>,
-    metrics: Arc<Metrics>,
-    space: Arc<Space>,
-    auth: Arc<Auth>,
+    services: Services,
     stops: Sender<Stop>,
 ) -> Result<Server, String> {
     let listener = listen(config)?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let database = config.database()?;
-    let pool = Pool::open(&database, config.workers)
-        .map_err(|e| format!("cannot open {database}: {e}"))?;
+    let pool =
+        Pool::open(database, config.workers).map_err(|e| format!("cannot open {database}: {e}"))?;
+    let Services {
+        watch,
+        metrics,
+        space,
+        auth,
+    } = services;
     let max = max_connections(config.max_connections);
     let header_timeout = Duration::from_secs(config.header_timeout_secs);
     let conns = Conns::start(max, header_timeout)
