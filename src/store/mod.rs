@@ -65,6 +65,9 @@ pub enum DbError {
     Sqlite(rusqlite::Error),
     #[cfg(feature = "postgres")]
     Postgres(::postgres::Error),
+    /// The database holds something this kv cannot read (written by a newer one, or damaged).
+    #[cfg(feature = "postgres")]
+    Unreadable(String),
 }
 
 impl DbError {
@@ -77,6 +80,8 @@ impl DbError {
             DbError::Sqlite(_) => false,
             #[cfg(feature = "postgres")]
             DbError::Postgres(e) => postgres::is_disk_full(e),
+            #[cfg(feature = "postgres")]
+            DbError::Unreadable(_) => false,
         }
     }
 
@@ -86,6 +91,8 @@ impl DbError {
             DbError::Sqlite(_) => false,
             #[cfg(feature = "postgres")]
             DbError::Postgres(e) => postgres::is_unavailable(e),
+            #[cfg(feature = "postgres")]
+            DbError::Unreadable(_) => false,
         }
     }
 
@@ -95,6 +102,8 @@ impl DbError {
             DbError::Sqlite(_) => false,
             #[cfg(feature = "postgres")]
             DbError::Postgres(e) => postgres::is_transient(e),
+            #[cfg(feature = "postgres")]
+            DbError::Unreadable(_) => false,
         }
     }
 }
@@ -105,6 +114,8 @@ impl fmt::Display for DbError {
             DbError::Sqlite(e) => write!(f, "{e}"),
             #[cfg(feature = "postgres")]
             DbError::Postgres(e) => f.write_str(&postgres::describe(e)),
+            #[cfg(feature = "postgres")]
+            DbError::Unreadable(why) => f.write_str(why),
         }
     }
 }
@@ -191,6 +202,31 @@ pub struct Page {
     pub more: bool,
     /// The store's revision in the snapshot read.
     pub current_rev: u64,
+}
+
+impl Page {
+    /// An empty page of a feed read at store revision `current_rev`.
+    pub(crate) fn new(current_rev: u64) -> Page {
+        Page {
+            count: 0,
+            last_rev: current_rev,
+            more: false,
+            current_rev,
+        }
+    }
+
+    /// Whether one more entry fits in a page of `limit`; when it does not, the page is marked
+    /// `more` (a feed read asks for one row past the limit to know).
+    pub(crate) fn has_room(&mut self, limit: usize) -> bool {
+        self.more = self.count == limit;
+        !self.more
+    }
+
+    /// Counts an entry handed out.
+    pub(crate) fn add(&mut self, rev: u64) {
+        self.count += 1;
+        self.last_rev = rev;
+    }
 }
 
 /// What `/metrics` reports of the store.

@@ -1,7 +1,7 @@
 //! The change feed on PostgreSQL: the statements of `sqlite/changes.rs`.
 
 use super::Postgres;
-use crate::store::{Change, ChangeKind, Page, count};
+use crate::store::{Change, ChangeKind, DbError, Page, count};
 
 /// The four shapes of the feed query: one collection or all, with or without values. An entry
 /// is current when its key is still at its revision, live in `kv` or as a tombstone.
@@ -57,22 +57,16 @@ impl Postgres {
         limit: usize,
         values: bool,
         mut each: impl FnMut(&Change<'_>),
-    ) -> Result<Page, postgres::Error> {
+    ) -> Result<Page, DbError> {
         let current_rev = self.revision()?;
         let sql = FEED_SQL[usize::from(collection.is_some()) * 2 + usize::from(values)];
-        let mut page = Page {
-            count: 0,
-            last_rev: current_rev,
-            more: false,
-            current_rev,
-        };
+        let mut page = Page::new(current_rev);
         let mut unknown_kind = None;
         self.for_each_row(
             sql,
             &[&(since as i64), &collection, &(limit as i64 + 1)],
             |row| {
-                if page.count == limit {
-                    page.more = true;
+                if !page.has_room(limit) {
                     return Ok(false);
                 }
                 let tombstone = row.try_get::<_, Option<i16>>(4)?.map(i64::from);
@@ -89,16 +83,17 @@ impl Postgres {
                     expires_at: row.try_get(5)?,
                 };
                 each(&change);
-                page.count += 1;
-                page.last_rev = change.rev;
+                page.add(change.rev);
                 Ok(true)
             },
         )?;
-        if let Some(kind) = unknown_kind {
-            // Only a newer kv writes kinds this one does not know; its schema check refuses that.
-            log::error!("the change log holds a tombstone of unknown kind {kind}");
+        match unknown_kind {
+            // As on SQLite, a failed read rather than a page that ends early.
+            Some(kind) => Err(DbError::Unreadable(format!(
+                "the change log holds a tombstone of unknown kind {kind}"
+            ))),
+            None => Ok(page),
         }
-        Ok(page)
     }
 
     pub fn changed_collections(

@@ -2,6 +2,7 @@
 //! server can show: migrations under concurrency, the counter's lock, a lost COMMIT's answer.
 
 use super::*;
+use crate::store::DbError;
 
 /// A fresh database on the server of `KV_TEST_POSTGRES_URL` (dropped with the value), or
 /// `None` when it is unset: the end-to-end suite runs on PostgreSQL in CI, and so do these.
@@ -178,4 +179,28 @@ fn bad_urls_are_refused_with_the_reason() {
     assert!(e.contains("sslmode=always"), "{e}");
     let e = Target::parse("postgres://kv@h/kv?nonsense=1", None).unwrap_err();
     assert!(e.contains("not a PostgreSQL URL"), "{e}");
+}
+
+#[test]
+fn a_tombstone_of_an_unknown_kind_fails_the_feed_read_instead_of_ending_the_page() {
+    let Some(fresh) = fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Postgres::open_and_migrate(&fresh.target, dir.path()).unwrap();
+    store.put("c", "a", "1", 1, None).unwrap();
+    store
+        .control(
+            "INSERT INTO tombstones (rev, collection, key, kind, deleted_at) VALUES (2, 'c', 'b', 9, 0);
+             INSERT INTO changes (rev, collection, key) VALUES (2, 'c', 'b');
+             UPDATE meta SET value = 2 WHERE name = 'revision'",
+        )
+        .unwrap();
+    let mut seen = Vec::new();
+    let read = store.changes(0, None, 10, false, |c| seen.push(c.rev));
+    assert!(
+        matches!(&read, Err(DbError::Unreadable(why)) if why.contains("kind 9")),
+        "{read:?}"
+    );
+    assert_eq!(seen, [1]);
 }

@@ -87,15 +87,9 @@ impl Sqlite {
             collection.unwrap_or(""),
             limit as i64 + 1
         ])?;
-        let mut page = Page {
-            count: 0,
-            last_rev: current_rev,
-            more: false,
-            current_rev,
-        };
+        let mut page = Page::new(current_rev);
         while let Some(row) = rows.next()? {
-            if page.count == limit {
-                page.more = true;
+            if !page.has_room(limit) {
                 break;
             }
             let tombstone = row.get::<_, Option<i64>>(4)?;
@@ -111,8 +105,7 @@ impl Sqlite {
                 expires_at: row.get(5)?,
             };
             each(&change);
-            page.count += 1;
-            page.last_rev = change.rev;
+            page.add(change.rev);
         }
         Ok(page)
     }
