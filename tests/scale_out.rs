@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Client, TestServer, eventually};
+use common::{TestServer, eventually};
 use serde_json::{Value, json};
 
 /// The most each write transaction sleeps before COMMIT, so that commits of different nodes
@@ -32,17 +32,6 @@ fn nodes(n: usize, env: &[(&str, &str)]) -> Option<(Vec<tempfile::TempDir>, Vec<
         .map(|dir| TestServer::start_node(dir.path(), &url, env))
         .collect();
     Some((dirs, nodes))
-}
-
-fn changes(s: &Client, query: &str) -> Value {
-    let resp = s.get(&format!("/changes?{query}"));
-    assert_eq!(
-        resp.status,
-        200,
-        "{:?}",
-        String::from_utf8_lossy(&resp.body)
-    );
-    resp.json()
 }
 
 /// One acknowledged write: its key, its revision, the value it stored (None for a delete) and
@@ -143,7 +132,7 @@ fn a_follower_of_one_node_ends_with_exactly_what_three_nodes_wrote() {
             let mut pages = Vec::new();
             loop {
                 // Small pages, so that `more` and the page boundaries are exercised too.
-                let page = changes(&s, &format!("since={since}&collection=c&wait=2&limit=20"));
+                let page = s.changes(&format!("since={since}&collection=c&wait=2&limit=20"));
                 let received = Instant::now();
                 let mut seen = since;
                 for change in page["changes"].as_array().unwrap() {
@@ -235,7 +224,7 @@ fn a_follower_of_one_node_ends_with_exactly_what_three_nodes_wrote() {
             .collect();
         assert_eq!(replica, data);
         assert_eq!(
-            changes(node, &format!("since={highest}"))["last_rev"],
+            node.changes(&format!("since={highest}"))["last_rev"],
             highest
         );
     }
@@ -260,7 +249,7 @@ fn a_long_poll_on_one_node_wakes_on_a_write_through_another() {
     );
     let addr = b.addr();
     let poll = thread::spawn(move || {
-        let body = changes(&TestServer::client(&addr), "since=1&collection=a&wait=30");
+        let body = TestServer::client(&addr).changes("since=1&collection=a&wait=30");
         (body, Instant::now())
     });
     // A write to another collection does not answer it.
@@ -375,7 +364,7 @@ fn objects_expire_once_though_every_node_sweeps() {
     // Each expiry took one revision, whichever node's sweep found it first.
     let expected_rev = (expiring + 1 + expiring) as u64;
     for node in &nodes {
-        let feed = changes(node, "since=0");
+        let feed = node.changes("since=0");
         assert_eq!(feed["last_rev"], expected_rev, "{feed}");
         let entries = feed["changes"].as_array().unwrap();
         assert_eq!(entries.len(), expiring + 1, "{feed}");
@@ -422,7 +411,7 @@ fn deletions_forgotten_by_one_node_are_forgotten_by_all() {
             (json!("changes_compacted"), json!(3))
         );
         assert_eq!(
-            changes(node, "since=0")["changes"],
+            node.changes("since=0")["changes"],
             json!([{"rev": 2, "collection": "c", "key": "b", "op": "put", "value": 2}])
         );
     }

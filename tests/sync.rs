@@ -35,17 +35,6 @@ fn put(s: &Client, collection: &str, key: &str, value: Value) -> u64 {
     rev
 }
 
-fn changes(s: &Client, query: &str) -> Value {
-    let resp = s.get(&format!("/changes?{query}"));
-    assert_eq!(
-        resp.status,
-        200,
-        "{:?}",
-        String::from_utf8_lossy(&resp.body)
-    );
-    resp.json()
-}
-
 #[test]
 fn every_write_gets_the_next_revision_and_reads_carry_it_as_etag() {
     let (_dir, s) = server_with(&[]);
@@ -252,7 +241,7 @@ fn batch_conditions_apply_all_or_nothing() {
         );
     }
     assert_eq!(
-        changes(&s, "")["last_rev"],
+        s.changes("")["last_rev"],
         3,
         "no failed batch took a revision"
     );
@@ -267,7 +256,7 @@ fn the_feed_bootstraps_a_client_and_pages_in_revision_order() {
     put(&s, "users", "u1", json!({"n": 4}));
     s.delete("/objects/u2?collection=users");
     assert_eq!(
-        changes(&s, "since=0"),
+        s.changes("since=0"),
         json!({"changes": [
             {"rev": 3, "collection": "teams", "key": "t1", "op": "put", "value": 3},
             {"rev": 4, "collection": "users", "key": "u1", "op": "put", "value": {"n": 4}},
@@ -275,30 +264,30 @@ fn the_feed_bootstraps_a_client_and_pages_in_revision_order() {
         ], "last_rev": 5, "more": false})
     );
     assert_eq!(
-        changes(&s, "since=3&collection=users&values=false"),
+        s.changes("since=3&collection=users&values=false"),
         json!({"changes": [
             {"rev": 4, "collection": "users", "key": "u1", "op": "put"},
             {"rev": 5, "collection": "users", "key": "u2", "op": "delete"}
         ], "last_rev": 5, "more": false})
     );
-    let page = changes(&s, "limit=2");
+    let page = s.changes("limit=2");
     assert_eq!(
         (page["last_rev"].clone(), page["more"].clone()),
         (json!(4), json!(true))
     );
-    let page = changes(&s, "since=4&limit=1");
+    let page = s.changes("since=4&limit=1");
     assert_eq!(
         (page["last_rev"].clone(), page["more"].clone()),
         (json!(5), json!(false))
     );
     assert_eq!(
-        changes(&s, "since=5"),
+        s.changes("since=5"),
         json!({"changes": [], "last_rev": 5, "more": false})
     );
-    assert_eq!(changes(&s, "since=4&collection=teams")["last_rev"], 5);
+    assert_eq!(s.changes("since=4&collection=teams")["last_rev"], 5);
     assert_eq!(s.delete("/collections/users").json()["rev"], 6);
     assert_eq!(
-        changes(&s, "since=0")["changes"],
+        s.changes("since=0")["changes"],
         json!([
             {"rev": 3, "collection": "teams", "key": "t1", "op": "put", "value": 3},
             {"rev": 6, "collection": "users", "op": "delete_collection"}
@@ -332,7 +321,7 @@ fn a_long_poll_wakes_on_a_write_to_its_collection_and_times_out_empty() {
     let started = Instant::now();
     let poll = thread::spawn(move || {
         let s = TestServer::client(&addr);
-        let body = changes(&s, "since=1&collection=a&wait=20");
+        let body = s.changes("since=1&collection=a&wait=20");
         (body, Instant::now())
     });
     // A write elsewhere does not answer it; one to its collection does, within milliseconds.
@@ -351,7 +340,7 @@ fn a_long_poll_wakes_on_a_write_to_its_collection_and_times_out_empty() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     let started = Instant::now();
-    let body = changes(&s, "since=3&wait=1");
+    let body = s.changes("since=3&wait=1");
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(body, json!({"changes": [], "last_rev": 3, "more": false}));
 }
@@ -430,7 +419,7 @@ fn forgotten_deletions_answer_410_and_since_0_starts_over() {
     put(&s, "c", "a", json!(1));
     put(&s, "c", "b", json!(2));
     assert_eq!(s.delete("/objects/a?collection=c").json()["rev"], 3);
-    assert_eq!(changes(&s, "since=1")["changes"][1]["op"], "delete");
+    assert_eq!(s.changes("since=1")["changes"][1]["op"], "delete");
     assert!(
         eventually(Duration::from_secs(10), || s.get("/changes?since=1").status
             == 410),
@@ -439,9 +428,9 @@ fn forgotten_deletions_answer_410_and_since_0_starts_over() {
     let resp = s.get("/changes?since=2");
     assert_eq!(resp.json()["code"], "changes_compacted");
     assert_eq!(resp.json()["oldest_rev"], 3);
-    assert_eq!(changes(&s, "since=3")["changes"], json!([]));
+    assert_eq!(s.changes("since=3")["changes"], json!([]));
     assert_eq!(
-        changes(&s, "since=0")["changes"],
+        s.changes("since=0")["changes"],
         json!([{"rev": 2, "collection": "c", "key": "b", "op": "put", "value": 2}])
     );
     let mut sse = s.events("/changes?since=1", &[]);
@@ -469,7 +458,7 @@ fn revisions_survive_a_restart_and_keep_increasing() {
         s.get("/objects/a?collection=c").header("etag"),
         Some("\"1\"")
     );
-    assert_eq!(changes(&s, "since=0")["last_rev"], 3);
+    assert_eq!(s.changes("since=0")["last_rev"], 3);
     assert_eq!(put(&s, "c", "z", json!(1)), 4);
 }
 
@@ -624,7 +613,7 @@ fn follow_by_polling(s: &TestServer, limit: usize) {
             let s = TestServer::client(&addr);
             let mut since = 0;
             loop {
-                let page = changes(&s, &format!("since={since}&wait=5&limit={limit}"));
+                let page = s.changes(&format!("since={since}&wait=5&limit={limit}"));
                 let mut replica = replica.lock().unwrap();
                 for change in page["changes"].as_array().unwrap() {
                     let rev = change["rev"].as_u64().unwrap();

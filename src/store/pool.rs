@@ -125,16 +125,20 @@ mod tests {
     use crate::config::Sync;
     use std::time::Duration;
 
+    /// A pool of one connection to a new SQLite database in `dir`.
+    fn pool_of_one(dir: &tempfile::TempDir) -> Arc<Pool> {
+        crate::store::sqlite::tests::store(dir);
+        let db = Database::Sqlite {
+            file: dir.path().join("kv.sqlite3"),
+            sync: Sync::Full,
+        };
+        Arc::new(Pool::open(&db, 1).unwrap())
+    }
+
     #[test]
     fn the_pool_lends_each_connection_to_one_holder_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("kv.sqlite3");
-        crate::store::sqlite::tests::store(&dir);
-        let db = Database::Sqlite {
-            file,
-            sync: Sync::Full,
-        };
-        let pool = std::sync::Arc::new(Pool::open(&db, 1).unwrap());
+        let pool = pool_of_one(&dir);
         let held = pool.get();
         let (tx, rx) = std::sync::mpsc::channel();
         let waiting = pool.clone();
@@ -155,13 +159,7 @@ mod tests {
     #[test]
     fn a_connection_given_back_goes_to_the_longest_waiting_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("kv.sqlite3");
-        crate::store::sqlite::tests::store(&dir);
-        let db = Database::Sqlite {
-            file,
-            sync: Sync::Full,
-        };
-        let pool = std::sync::Arc::new(Pool::open(&db, 1).unwrap());
+        let pool = pool_of_one(&dir);
         let held = pool.get();
         let (tx, rx) = std::sync::mpsc::channel();
         let waiting = |n: usize| {

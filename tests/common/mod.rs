@@ -158,6 +158,18 @@ impl Client {
         }
     }
 
+    /// `GET /changes?query`, which must answer 200; its JSON.
+    pub fn changes(&self, query: &str) -> Value {
+        let resp = self.get(&format!("/changes?{query}"));
+        assert_eq!(
+            resp.status,
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        resp.json()
+    }
+
     pub fn get(&self, target: &str) -> Response {
         self.request("GET", target, None)
     }
