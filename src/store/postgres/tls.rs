@@ -15,9 +15,11 @@ fn provider() -> Arc<CryptoProvider> {
 /// A connector that checks the server's certificate against the system's roots (`verify`),
 /// or only encrypts (libpq's `require`).
 pub(super) fn connector(verify: bool) -> MakeRustlsConnect {
-    static CONNECTORS: OnceLock<[MakeRustlsConnect; 2]> = OnceLock::new();
-    let [unchecked, checked] = CONNECTORS.get_or_init(|| [build(false), build(true)]);
-    if verify { checked } else { unchecked }.clone()
+    // Each is built on first use only: the checked one reads the system's root certificates.
+    static UNCHECKED: OnceLock<MakeRustlsConnect> = OnceLock::new();
+    static CHECKED: OnceLock<MakeRustlsConnect> = OnceLock::new();
+    let built = if verify { &CHECKED } else { &UNCHECKED };
+    built.get_or_init(|| build(verify)).clone()
 }
 
 fn build(verify: bool) -> MakeRustlsConnect {
