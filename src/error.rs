@@ -269,12 +269,6 @@ impl From<crate::store::DbError> for Error {
     }
 }
 
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Error {
-        Error::Storage(e.into())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +350,7 @@ mod tests {
 
     #[test]
     fn storage_errors_hide_their_cause() {
-        let e = Error::from(rusqlite::Error::InvalidQuery);
+        let e = Error::from(crate::store::DbError::from(rusqlite::Error::InvalidQuery));
         assert_eq!(e.status(), 500);
         assert_eq!(
             e.body(),
