@@ -4,8 +4,9 @@
 # kv-writer, kv-checkpoint, …) sampled 1 s into the run and 1 s before its end, divided by the
 # requests kv answered between the two samples (from its /metrics).
 # Usage: bench/threads.sh                  (about 40 s)
-# Settings (environment): WORKLOADS ("put100 get100 mixed"), DURATION (8), CONNECTIONS (32), KEYS
-# (10000), KV_BINARY, SKIP_BUILD=1, KEEP_DATA=1. Prints a markdown table; writes no file.
+# Settings (environment): WORKLOADS ("put100 get100 mixed"; also "delete"), DURATION (8),
+# CONNECTIONS (32), KEYS (10000), DELETE_KEYS (400000, prepopulated as d* when "delete" is asked
+# for), KV_BINARY, SKIP_BUILD=1, KEEP_DATA=1. Prints a markdown table; writes no file.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -13,6 +14,7 @@ WORKLOADS=${WORKLOADS:-put100 get100 mixed}
 DURATION=${DURATION:-8}
 CONNECTIONS=${CONNECTIONS:-32}
 KEYS=${KEYS:-10000}
+DELETE_KEYS=${DELETE_KEYS:-400000}
 ((DURATION >= 4)) || die "DURATION must be at least 4 s (1 s is left out at each end)"
 need wrk
 need curl
@@ -31,6 +33,9 @@ answered() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^kv_http_requests_tot
 
 start_server KV "$WORK/kv.log" PORT=0 DB_PATH="$WORK/data" KV_SYNC=full RUST_LOG=info -- "$KV_BIN"
 log "prepopulating $KEYS keys of 100 B: $(fill "http://127.0.0.1:$KV_PORT/" k "$KEYS" 100) s"
+if [[ " $WORKLOADS " == *" delete "* ]]; then
+	log "prepopulating $DELETE_KEYS keys d* for DELETE: $(fill "http://127.0.0.1:$KV_PORT/" d "$DELETE_KEYS" 100) s"
+fi
 HZ=$(getconf CLK_TCK)
 echo "| workload | requests measured | thread | µs/request |"
 echo "|---|--:|---|--:|"
@@ -39,9 +44,12 @@ for workload in $WORKLOADS; do
 	put100) script=put.lua ;;
 	get100) script=get.lua ;;
 	mixed) script=mixed.lua ;;
-	*) die "unknown workload $workload (put100, get100, mixed)" ;;
+	delete) script=delete.lua ;;
+	*) die "unknown workload $workload (put100, get100, mixed, delete)" ;;
 	esac
-	env PREFIX=k KEYS="$KEYS" VALUE_BYTES=100 GET_PERCENT=70 \
+	prefix=k keys=$KEYS
+	[[ $workload != delete ]] || prefix=d keys=$DELETE_KEYS
+	env PREFIX="$prefix" KEYS="$keys" VALUE_BYTES=100 GET_PERCENT=70 \
 		wrk -t1 "-c$CONNECTIONS" "-d${DURATION}s" -s "$BENCH/$script" "http://127.0.0.1:$KV_PORT/" >"$WORK/wrk-$workload.txt" &
 	wrk_pid=$!
 	sleep 1
