@@ -312,3 +312,77 @@ fn at_the_cap_a_request_in_progress_is_never_closed_for_room() {
     let event = stream.next_event().expect("the stream was closed");
     assert_eq!(event.id.as_deref(), Some("1"));
 }
+
+/// The writer sends most answers to writes itself (src/http/deferred.rs), and must never wait for
+/// a client to read: here one client pipelines hundreds of PUTs with long keys and reads nothing,
+/// so its answers fill its socket and kv stops reading its requests, and meanwhile another
+/// client's writes are answered. Then the first client reads: every answer is there, in order.
+#[test]
+fn a_client_that_does_not_read_its_answers_holds_no_other_write() {
+    const PIPELINED: usize = 5000;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_with(dir.path(), &[("RUST_LOG", "debug")]);
+    let key = |i: usize| format!("{i:04}{}", "k".repeat(996));
+    let mut requests = Vec::new();
+    for i in 0..PIPELINED {
+        let body = format!(r#"{{"key":"{}","value":{i}}}"#, key(i));
+        requests.extend(common::raw_request("PUT", "/objects", &body));
+    }
+    let mut stalled = s.connect();
+    let mut sender = stalled.try_clone().unwrap();
+    let sending = thread::spawn(move || sender.write_all(&requests));
+    // The stalled client's answers (about 1.1 KB each) are more than its socket buffers hold,
+    // so kv's connection thread for it ends up waiting for an answer to go out.
+    assert!(
+        common::eventually(Duration::from_secs(20), || {
+            s.get("/objects?prefix=0&limit=1000").json()["count"]
+                .as_u64()
+                .is_some_and(|n| n >= 100)
+        }),
+        "the pipelined PUTs were not being written"
+    );
+    for i in 0..20 {
+        let put = s.put("/objects", &format!(r#"{{"key":"other{i}","value":{i}}}"#));
+        assert_eq!(put.status, 200, "{}", put.json());
+    }
+    // One reader for all the answers: they arrive back to back.
+    let mut answers = std::io::BufReader::new(&mut stalled);
+    for i in 0..PIPELINED {
+        let (status, body) = next_answer(&mut answers);
+        assert_eq!(status, 200, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["key"], key(i), "answer {i} out of order");
+    }
+    sending.join().unwrap().unwrap();
+    assert_eq!(
+        s.get(&format!("/objects/{}", key(PIPELINED - 1))).status,
+        200
+    );
+    assert!(
+        s.log().contains("sent by a thread of its own"),
+        "the writer never had to leave an answer to a thread of its own"
+    );
+}
+
+/// The status and body of the next answer on a keep-alive connection (bodies by Content-Length).
+fn next_answer(answers: &mut impl std::io::BufRead) -> (u16, String) {
+    let mut line = String::new();
+    answers.read_line(&mut line).unwrap();
+    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut length = 0;
+    loop {
+        line.clear();
+        answers.read_line(&mut line).unwrap();
+        if line.trim_end().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    answers.read_exact(&mut body).unwrap();
+    (status, String::from_utf8(body).unwrap())
+}

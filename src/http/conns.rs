@@ -94,6 +94,15 @@ impl Entry {
     }
 }
 
+/// A connection's socket, held open by whoever still has an answer to write on it.
+pub struct SharedSocket(Arc<Entry>);
+
+impl SharedSocket {
+    pub fn get(&self) -> &TcpStream {
+        &self.0.socket
+    }
+}
+
 #[derive(Default)]
 struct Registry {
     next_id: u64,
@@ -260,6 +269,12 @@ impl Conn {
     /// The socket, to answer on when the HTTP library cannot.
     pub fn socket(&self) -> &TcpStream {
         &self.entry.socket
+    }
+
+    /// A handle on the socket that keeps it open for as long as the handle lives, even after the
+    /// connection's thread has ended.
+    pub fn shared_socket(&self) -> SharedSocket {
+        SharedSocket(Arc::clone(&self.entry))
     }
 
     /// Moves to `phase` (waiting since now, or since as before) unless closed.

@@ -11,10 +11,11 @@
 //! stack), which parses its requests with tiny_http and runs them itself: HTTP/1.1
 //! without pipelining has one request in flight per connection, so that thread would be idle
 //! anyway. A read takes one of `workers` SQLite read connections from a pool for as long as it
-//! reads. A write is handed to the single writer, and the connection thread sleeps until the
-//! group holding it has committed, then sends the answer. So a write costs two thread wakeups (to
-//! the writer and back) and a read none, where a queue of workers cost four and two; and a request
-//! that waits (for a commit, for changes, for a slow client) holds its own thread and nothing else.
+//! reads. A write is handed to the single writer with its request, and the writer sends the
+//! answer once the group holding it has committed (`deferred.rs`), while the connection thread
+//! goes back to reading. So a write costs one thread wakeup (the writer's, shared by its group)
+//! and a read none, where a queue of workers cost four and two; and a request that waits (for
+//! changes, for a slow client) holds its own thread and nothing else.
 //!
 //! `conns.rs` keeps the registry of open connections that stops one client from holding them all
 //! (the connection cap, the request-head deadline, and which connection to close for room);
@@ -24,6 +25,7 @@
 mod accept;
 mod conns;
 mod cors;
+mod deferred;
 mod framing;
 mod send;
 
@@ -52,6 +54,7 @@ use crate::writer::{Submitter, Writer};
 use accept::{accept, listen, max_connections};
 use conns::{Conn, Conns};
 use cors::Cors;
+use deferred::{Latch, answer_after_commit};
 use send::{Extra, response, send, send_no_content, send_stream, write_closing};
 
 /// Largest buffer reserved up front from a declared Content-Length; bigger bodies grow as they arrive.
@@ -203,12 +206,18 @@ fn shutting_down() -> Error {
 }
 
 /// Runs one connection's requests in order, until the client leaves, kv closes it, or kv stops.
-fn serve_connection(mut connection: tiny_http::ClientConnection, conn: &Conn, shared: &Shared) {
+fn serve_connection(
+    mut connection: tiny_http::ClientConnection,
+    conn: &Conn,
+    shared: &Arc<Shared>,
+) {
     shared
         .metrics
         .open_connections
         .fetch_add(1, Ordering::Relaxed);
     let _open = OpenConnection(&shared.metrics);
+    // Set while the writer still owes this connection the answer to its last request.
+    let owed = Arc::new(Latch::default());
     loop {
         // Idle (since it was accepted, or since the last answer) until the first byte of the next
         // request; the socket's read timeout (KV_IO_TIMEOUT_SECS) ends a long wait, and kv may
@@ -227,9 +236,14 @@ fn serve_connection(mut connection: tiny_http::ClientConnection, conn: &Conn, sh
         }
         let request = match connection.next() {
             Some(Ok(request)) => request,
-            Some(Err(e)) => return answer_unreadable(&e, conn),
+            Some(Err(e)) => {
+                owed.wait();
+                return answer_unreadable(&e, conn);
+            }
             None => return,
         };
+        // A pipelined request waits for the answer before it (usually sent already).
+        owed.wait();
         // Counted before the stop flag is read: a stop either waits for this request or this
         // request sees the flag (both are SeqCst).
         let _in_flight = InFlight::enter(&shared.in_flight);
@@ -271,7 +285,7 @@ fn serve_connection(mut connection: tiny_http::ClientConnection, conn: &Conn, sh
             }
             continue;
         }
-        if !handle(request, shared, extra, conn) || !conn.idle() {
+        if !handle(request, shared, extra, conn, &owed) || !conn.idle() {
             return;
         }
     }
@@ -327,9 +341,16 @@ fn answer_unreadable(e: &tiny_http::ReadError, conn: &Conn) {
     }
 }
 
-/// Handles one request: reads its body, runs it, waits for the commit of a write, answers.
-/// Returns false when the connection must close (after a stream, or a body that cannot be read).
-fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra, conn: &Conn) -> bool {
+/// Handles one request: reads its body, runs it, answers (the answer to a write is sent by the
+/// writer after the commit). Returns false when the connection must close (after a stream, or a
+/// body that cannot be read).
+fn handle(
+    mut request: tiny_http::Request,
+    shared: &Arc<Shared>,
+    mut extra: Extra,
+    conn: &Conn,
+    owed: &Arc<Latch>,
+) -> bool {
     let method = match request.method() {
         tiny_http::Method::Get => Method::Get,
         tiny_http::Method::Head => Method::Head,
@@ -415,6 +436,10 @@ fn handle(mut request: tiny_http::Request, shared: &Shared, mut extra: Extra, co
     let result = match answer {
         Ok(Answer::Now(resp)) => Ok(resp),
         Err(e) => Err(e),
+        Ok(Answer::AfterCommit(op, finish)) if cfg!(target_os = "linux") && !extra.close => {
+            answer_after_commit(request, op, finish, extra, shared, conn, owed);
+            return true;
+        }
         Ok(Answer::AfterCommit(op, finish)) => shared.submitter.write(op).and_then(finish),
         Ok(Answer::Stream(stream)) => {
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {

@@ -531,6 +531,17 @@ impl Request {
         reader.unwrap()
     }
 
+    /// kv patch: lets the connection read its next request while this one's response is still
+    /// to come. What is left of the body is read and discarded, and the body reader is released
+    /// to the connection; reading the body afterwards gives nothing.
+    pub fn release_body(&mut self) -> Result<(), IoError> {
+        if let Some(mut reader) = self.data_reader.take() {
+            self.data_reader = Some(Box::new(io::empty()));
+            io::copy(&mut reader, &mut io::sink())?;
+        }
+        Ok(())
+    }
+
     /// Sends a response to this request.
     #[inline]
     pub fn respond<R>(mut self, response: Response<R>) -> Result<(), IoError>
