@@ -109,6 +109,14 @@ impl Drop for Owed {
     }
 }
 
+/// Whether the writer should answer this write itself. A batch's answer holds the values its
+/// reads found, of any size, so its connection thread waits and sends it, as it would otherwise be
+/// a thread started for the one answer. A connection that ends after its answer, and systems
+/// where kv cannot read a socket's send queue, keep that path too.
+pub(super) fn suits(op: &Op, extra: &Extra) -> bool {
+    cfg!(target_os = "linux") && !extra.close && !matches!(op, Op::Batch(_))
+}
+
 /// Hands a write to the writer together with its request, whose answer the writer sends after
 /// the commit. The connection's thread may go on reading as soon as this returns.
 pub(super) fn answer_after_commit(

@@ -436,7 +436,7 @@ fn handle(
     let result = match answer {
         Ok(Answer::Now(resp)) => Ok(resp),
         Err(e) => Err(e),
-        Ok(Answer::AfterCommit(op, finish)) if cfg!(target_os = "linux") && !extra.close => {
+        Ok(Answer::AfterCommit(op, finish)) if deferred::suits(&op, &extra) => {
             answer_after_commit(request, op, finish, extra, shared, conn, owed);
             return true;
         }
