@@ -313,8 +313,8 @@ fn at_the_cap_a_request_in_progress_is_never_closed_for_room() {
     assert_eq!(event.id.as_deref(), Some("1"));
 }
 
-/// The writer sends most answers to writes itself (src/http/deferred.rs), and must never wait for
-/// a client to read: here one client pipelines hundreds of PUTs with long keys and reads nothing,
+/// One thread sends the answers to writes after their commit (src/http/deferred.rs), and must
+/// never wait for a client to read: here one client pipelines hundreds of PUTs with long keys and reads nothing,
 /// so its answers fill its socket and kv stops reading its requests, and meanwhile another
 /// client's writes are answered. Then the first client reads: every answer is there, in order.
 #[test]
@@ -360,7 +360,7 @@ fn a_client_that_does_not_read_its_answers_holds_no_other_write() {
     );
     assert!(
         s.log().contains("sent by a thread of its own"),
-        "the writer never had to leave an answer to a thread of its own"
+        "no answer was ever left to a thread of its own"
     );
 }
 

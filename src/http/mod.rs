@@ -11,11 +11,11 @@
 //! stack), which parses its requests with tiny_http and runs them itself: HTTP/1.1
 //! without pipelining has one request in flight per connection, so that thread would be idle
 //! anyway. A read takes one of `workers` SQLite read connections from a pool for as long as it
-//! reads. A write is handed to the single writer with its request, and the writer sends the
-//! answer once the group holding it has committed (`deferred.rs`), while the connection thread
-//! goes back to reading. So a write costs one thread wakeup (the writer's, shared by its group)
-//! and a read none, where a queue of workers cost four and two; and a request that waits (for
-//! changes, for a slow client) holds its own thread and nothing else.
+//! reads. A write is handed to the single writer with its request, and its answer is sent once
+//! the group holding it has committed (`deferred.rs`), while the connection thread goes back to
+//! reading. So a write costs a thread wakeup or two per group and a read none, where a queue of
+//! workers cost four and two per request; and a request that waits (for changes, for a slow
+//! client) holds its own thread and nothing else.
 //!
 //! `conns.rs` keeps the registry of open connections that stops one client from holding them all
 //! (the connection cap, the request-head deadline, and which connection to close for room);
@@ -97,6 +97,8 @@ struct Shared {
     in_flight: AtomicUsize,
     /// The open connections.
     conns: Arc<Conns>,
+    /// Sends the answers to writes once they have committed.
+    answerer: Arc<deferred::Answerer>,
 }
 
 /// Counts a connection as open until dropped.
@@ -169,6 +171,8 @@ pub fn serve(
         stopping: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         conns,
+        answerer: deferred::Answerer::start()
+            .map_err(|e| format!("cannot start the answering thread: {e}"))?,
     });
     let accept_shared = shared.clone();
     thread::Builder::new()
