@@ -124,7 +124,6 @@ for mode in full normal; do
 			health_rps=$(awk -v t="$mode" '$1 == t && $2 == "health" {print $3}' "$RESULT_ROWS")
 			delete_keys=$((health_rps * DURATION * 6 / 5))
 			((delete_keys > MIN_DELETE_KEYS)) || delete_keys=$MIN_DELETE_KEYS
-			((delete_keys % 1000003)) || delete_keys=$((delete_keys + 1)) # coprime to delete.lua's stride
 			td=$(fill "$base" d "$delete_keys" 100)
 			log "prepopulated $delete_keys keys d* for DELETE (${td} s)"
 			measure "$mode" delete "$KV_PORT" "$KV_PID" KEYS="$delete_keys"

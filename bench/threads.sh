@@ -5,7 +5,7 @@
 # requests kv answered between the two samples (from its /metrics).
 # Usage: bench/threads.sh                  (about 40 s)
 # Settings (environment): WORKLOADS ("put100 get100 mixed"; also "delete"), DURATION (8),
-# CONNECTIONS (32), KEYS (10000), DELETE_KEYS (400000, prepopulated as d* when "delete" is asked
+# CONNECTIONS (32), KEYS (10000), DELETE_KEYS (740000, prepopulated as d* when "delete" is asked
 # for), KV_BINARY, SKIP_BUILD=1, KEEP_DATA=1. Prints a markdown table; writes no file.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -14,7 +14,9 @@ WORKLOADS=${WORKLOADS:-put100 get100 mixed}
 DURATION=${DURATION:-8}
 CONNECTIONS=${CONNECTIONS:-32}
 KEYS=${KEYS:-10000}
-DELETE_KEYS=${DELETE_KEYS:-400000}
+# About what bench/run.sh prepopulates on this machine, so the two measure DELETE on a table of the
+# same size.
+DELETE_KEYS=${DELETE_KEYS:-740000}
 ((DURATION >= 4)) || die "DURATION must be at least 4 s (1 s is left out at each end)"
 need wrk
 need curl
