@@ -29,7 +29,7 @@ use crate::writer::Op;
 
 /// Largest answer the answering thread sends itself: well under the smallest send buffer Linux gives a
 /// socket (4608 bytes), so that, into an empty send queue, the send cannot block.
-const MAX_WRITER_ANSWER_BYTES: usize = 2048;
+const MAX_INLINE_ANSWER_BYTES: usize = 2048;
 /// Room for the status line and the headers every answer carries (Server, Date, Content-Type,
 /// Content-Length).
 const HEAD_BYTES: usize = 256;
@@ -99,7 +99,7 @@ impl Owed {
                 Ok(resp) => resp.body.len() + headers(&resp.headers),
                 Err(e) => e.body().len() + 64,
             };
-        bytes <= MAX_WRITER_ANSWER_BYTES && unsent_bytes(self.socket.get()) == Some(0)
+        bytes <= MAX_INLINE_ANSWER_BYTES && unsent_bytes(self.socket.get()) == Some(0)
     }
 }
 
@@ -110,10 +110,10 @@ impl Drop for Owed {
     }
 }
 
-/// Whether this write's answer should wait for its commit without its connection thread. A batch's answer holds the values its
-/// reads found, of any size, so its connection thread waits and sends it, as it would otherwise be
-/// a thread started for the one answer. A connection that ends after its answer, and systems
-/// where kv cannot read a socket's send queue, keep that path too.
+/// Whether this write's answer goes out after its commit without its connection thread waiting.
+/// Not a batch's: its answer holds the values its reads found, of any size, and would often need a
+/// thread started for it alone, so its connection thread waits and sends it. Nor an answer that
+/// ends its connection, nor any on a system where kv cannot read a socket's send queue.
 pub(super) fn suits(op: &Op, extra: &Extra) -> bool {
     cfg!(target_os = "linux") && !extra.close && !matches!(op, Op::Batch(_))
 }
