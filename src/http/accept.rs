@@ -20,7 +20,7 @@ use crate::config::Config;
 const LISTEN_BACKLOG: i32 = 1024;
 /// Stack of a connection thread. The request path needs far less (see README, Concurrency); a
 /// small stack keeps thousands of open connections cheap in address space.
-const CONNECTION_STACK_BYTES: usize = 256 * 1024;
+pub(super) const CONNECTION_STACK_BYTES: usize = 256 * 1024;
 /// File descriptors per open connection: tiny_http's reading and writing halves, and the clone
 /// kv keeps to close it.
 const FDS_PER_CONNECTION: u64 = 3;

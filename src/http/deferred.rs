@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
+use super::accept::CONNECTION_STACK_BYTES;
 use super::conns::SharedSocket;
 use super::send::{Extra, send};
 use super::{Conn, Shared};
@@ -218,8 +219,11 @@ fn send_aside(owed: Owed, result: Result<Resp, Error>) {
     log::debug!("an answer waits for its client to read earlier ones: sent by a thread of its own");
     let handoff = Arc::new(Mutex::new(Some((owed, result))));
     let taken = Arc::clone(&handoff);
+    // A thread per connection at most (the connection waits for this answer), with a connection
+    // thread's small stack: sending an answer needs less than serving the request did.
     let spawned = thread::Builder::new()
         .name("kv-answer".into())
+        .stack_size(CONNECTION_STACK_BYTES)
         .spawn(move || {
             if let Some((owed, result)) = taken.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 owed.send(result);
