@@ -21,6 +21,25 @@ const LIST_SQL: [&str; 4] = [
      AND (expires_at IS NULL OR expires_at > $5) ORDER BY key LIMIT $6",
 ];
 
+/// The statement that removes the object ($1 collection, $2 key) if `$cond` holds (with $3 now)
+/// and, if it did, leaves its tombstone of kind $5 and its feed entry at revision $4, in one
+/// round trip; it returns how many objects it removed.
+macro_rules! remove_and_bury {
+    ($cond:literal) => {
+        concat!(
+            "WITH gone AS (
+                 DELETE FROM kv WHERE collection = $1 AND key = $2 AND ",
+            $cond,
+            " RETURNING 1),
+             buried AS (
+                 INSERT INTO tombstones (rev, collection, key, kind, deleted_at)
+                 SELECT $4, $1, $2, $5, $3 FROM gone),
+             logged AS (INSERT INTO changes (rev, collection, key) SELECT $4, $1, $2 FROM gone)
+             SELECT count(*) FROM gone"
+        )
+    };
+}
+
 impl Postgres {
     pub fn get_with<T>(
         &self,
@@ -223,14 +242,7 @@ impl Postgres {
     /// Removes one live object, leaving a tombstone at revision `rev`; says whether it was there.
     pub fn delete(&self, collection: &str, key: &str, rev: u64) -> Result<bool, postgres::Error> {
         self.bury(
-            "WITH gone AS (
-                 DELETE FROM kv WHERE collection = $1 AND key = $2
-                 AND (expires_at IS NULL OR expires_at > $3) RETURNING 1),
-             buried AS (
-                 INSERT INTO tombstones (rev, collection, key, kind, deleted_at)
-                 SELECT $4, $1, $2, $5, $3 FROM gone),
-             logged AS (INSERT INTO changes (rev, collection, key) SELECT $4, $1, $2 FROM gone)
-             SELECT count(*) FROM gone",
+            remove_and_bury!("(expires_at IS NULL OR expires_at > $3)"),
             (collection, key, rev),
             DELETED,
         )
@@ -255,14 +267,7 @@ impl Postgres {
     /// Removes one expired object, leaving a tombstone of kind "expired" at revision `rev`.
     pub fn expire(&self, collection: &str, key: &str, rev: u64) -> Result<bool, postgres::Error> {
         self.bury(
-            "WITH gone AS (
-                 DELETE FROM kv WHERE collection = $1 AND key = $2 AND expires_at <= $3
-                 RETURNING 1),
-             buried AS (
-                 INSERT INTO tombstones (rev, collection, key, kind, deleted_at)
-                 SELECT $4, $1, $2, $5, $3 FROM gone),
-             logged AS (INSERT INTO changes (rev, collection, key) SELECT $4, $1, $2 FROM gone)
-             SELECT count(*) FROM gone",
+            remove_and_bury!("expires_at <= $3"),
             (collection, key, rev),
             EXPIRED,
         )

@@ -251,17 +251,12 @@ impl Sqlite {
     /// Removes one live object, leaving a tombstone at revision `rev`; says whether it was there
     /// (no tombstone when it was not). An expired object is left to the sweep.
     pub fn delete(&self, collection: &str, key: &str, rev: u64) -> Result<bool, rusqlite::Error> {
-        let removed = self
-            .conn
-            .prepare_cached(
-                "DELETE FROM kv WHERE collection = ?1 AND key = ?2
-                 AND (expires_at IS NULL OR expires_at > ?3)",
-            )?
-            .execute(params![collection, key, now_millis()])?;
-        if removed > 0 {
-            self.bury(collection, key, DELETED, rev)?;
-        }
-        Ok(removed > 0)
+        self.remove(
+            "DELETE FROM kv WHERE collection = ?1 AND key = ?2
+             AND (expires_at IS NULL OR expires_at > ?3)",
+            (collection, key, rev),
+            DELETED,
+        )
     }
 
     /// Up to `limit` objects that have expired by `now` (unix ms), soonest first.
@@ -281,14 +276,27 @@ impl Sqlite {
     /// Removes one expired object, leaving a tombstone of kind "expired" at revision `rev`; says
     /// whether it was still there and expired.
     pub fn expire(&self, collection: &str, key: &str, rev: u64) -> Result<bool, rusqlite::Error> {
-        let removed = self
-            .conn
-            .prepare_cached(
-                "DELETE FROM kv WHERE collection = ?1 AND key = ?2 AND expires_at <= ?3",
-            )?
-            .execute(params![collection, key, now_millis()])?;
+        self.remove(
+            "DELETE FROM kv WHERE collection = ?1 AND key = ?2 AND expires_at <= ?3",
+            (collection, key, rev),
+            EXPIRED,
+        )
+    }
+
+    /// Runs a statement that removes one object (parameters: collection, key, now) and, if it
+    /// did, leaves its tombstone of `kind` and its feed entry at revision `rev`.
+    fn remove(
+        &self,
+        sql: &str,
+        (collection, key, rev): (&str, &str, u64),
+        kind: i64,
+    ) -> Result<bool, rusqlite::Error> {
+        let removed =
+            self.conn
+                .prepare_cached(sql)?
+                .execute(params![collection, key, now_millis()])?;
         if removed > 0 {
-            self.bury(collection, key, EXPIRED, rev)?;
+            self.bury(collection, key, kind, rev)?;
         }
         Ok(removed > 0)
     }
