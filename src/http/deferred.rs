@@ -28,8 +28,8 @@ use crate::api::{Finish, Resp};
 use crate::error::Error;
 use crate::writer::Op;
 
-/// Largest answer the answering thread sends itself: well under the smallest send buffer Linux gives a
-/// socket (4608 bytes), so that, into an empty send queue, the send cannot block.
+/// Largest answer the answering thread sends itself: well under the smallest send buffer Linux
+/// gives a socket (4608 bytes), so that, into an empty send queue, the send cannot block.
 const MAX_INLINE_ANSWER_BYTES: usize = 2048;
 /// Room for the status line and the headers every answer carries (Server, Date, Content-Type,
 /// Content-Length).
