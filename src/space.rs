@@ -117,12 +117,6 @@ impl Space {
         self.max_bytes
     }
 
-    /// True when deletes must give back the pages they empty at once, not when the purge forgets
-    /// their tombstones: a quota is set, or the disk is full.
-    pub fn needs_room(&self) -> bool {
-        self.max_bytes.is_some() || self.full.load(Ordering::SeqCst)
-    }
-
     /// Why writes are refused now, if they are: `storage_full` (from the first write refused for
     /// lack of space until the disk has room) or `quota_exceeded` (from a write refused for the
     /// quota until one is let through).

@@ -413,20 +413,8 @@ impl Store {
     }
 
     /// Removes one live object, leaving a tombstone at revision `rev`; says whether it was there.
-    /// `reclaim`: SQLite gives the pages the object empties back at once (a quota or a full disk
-    /// needs that) instead of rewriting its row as the tombstone; PostgreSQL always deletes it.
-    pub fn delete(
-        &self,
-        collection: &str,
-        key: &str,
-        rev: u64,
-        reclaim: bool,
-    ) -> Result<bool, DbError> {
-        match self {
-            Store::Sqlite(s) => Ok(s.delete(collection, key, rev, reclaim)?),
-            #[cfg(feature = "postgres")]
-            Store::Postgres(p) => Ok(p.delete(collection, key, rev)?),
-        }
+    pub fn delete(&self, collection: &str, key: &str, rev: u64) -> Result<bool, DbError> {
+        on_backend!(self, s => s.delete(collection, key, rev))
     }
 
     /// Up to `limit` objects that have expired by `now` (unix ms), soonest first.
@@ -434,20 +422,9 @@ impl Store {
         on_backend!(self, s => s.expired(now, limit))
     }
 
-    /// Removes one expired object, leaving a tombstone of kind "expired" at revision `rev`;
-    /// `reclaim` as for `delete`.
-    pub fn expire(
-        &self,
-        collection: &str,
-        key: &str,
-        rev: u64,
-        reclaim: bool,
-    ) -> Result<bool, DbError> {
-        match self {
-            Store::Sqlite(s) => Ok(s.expire(collection, key, rev, reclaim)?),
-            #[cfg(feature = "postgres")]
-            Store::Postgres(p) => Ok(p.expire(collection, key, rev)?),
-        }
+    /// Removes one expired object, leaving a tombstone of kind "expired" at revision `rev`.
+    pub fn expire(&self, collection: &str, key: &str, rev: u64) -> Result<bool, DbError> {
+        on_backend!(self, s => s.expire(collection, key, rev))
     }
 
     /// Removes every object of a collection, leaving one tombstone for it at revision `rev`;

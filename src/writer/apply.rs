@@ -147,8 +147,7 @@ impl Writing {
                 cond,
             } => {
                 self.check(collection, key, cond)?;
-                let reclaim = self.space.needs_room();
-                if !self.store.delete(collection, key, self.rev + 1, reclaim)? {
+                if !self.store.delete(collection, key, self.rev + 1)? {
                     return Ok(Outcome::Deleted(None));
                 }
                 changed.push(Cow::Borrowed(collection));
@@ -215,13 +214,9 @@ impl Writing {
             Op::Import { upload, replace } => self.import(upload, replace, changed),
             Op::Expire => {
                 let expired = self.store.expired(now_millis(), EXPIRE_BATCH)?;
-                let reclaim = self.space.needs_room();
                 let mut n = 0;
                 for (collection, key) in expired {
-                    if self
-                        .store
-                        .expire(&collection, &key, self.rev + 1, reclaim)?
-                    {
+                    if self.store.expire(&collection, &key, self.rev + 1)? {
                         self.next_rev();
                         changed.push(Cow::Owned(collection));
                         n += 1;

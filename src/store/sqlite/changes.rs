@@ -2,35 +2,30 @@
 //! revision order, skipping entries whose key has changed since), the compaction that deletes
 //! those stale entries, and the purge that forgets old tombstones.
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 
 use super::Sqlite;
 use crate::store::{Change, ChangeKind, Page, count};
 
 /// The four shapes of the feed query: one collection or all, with or without values. An entry
-/// is current when its key is still at its revision in `kv` (live, or its tombstone), or when it
-/// is a collection's tombstone.
+/// is current when its key is still at its revision, live in `kv` or as a tombstone.
 const FEED_SQL: [&str; 4] = [
-    "SELECT c.rev, c.collection, c.key, NULL, coalesce(kv.deleted, t.kind), kv.expires_at
-     FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, NULL, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
      ORDER BY c.rev LIMIT (SELECT ?3)",
-    "SELECT c.rev, c.collection, c.key, iif(kv.deleted IS NULL, kv.value, NULL),
-     coalesce(kv.deleted, t.kind), kv.expires_at FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, kv.value, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
      ORDER BY c.rev LIMIT (SELECT ?3)",
-    "SELECT c.rev, c.collection, c.key, NULL, coalesce(kv.deleted, t.kind), kv.expires_at
-     FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, NULL, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.collection = (SELECT ?2) AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
      ORDER BY c.rev LIMIT (SELECT ?3)",
-    "SELECT c.rev, c.collection, c.key, iif(kv.deleted IS NULL, kv.value, NULL),
-     coalesce(kv.deleted, t.kind), kv.expires_at FROM changes AS c
+    "SELECT c.rev, c.collection, c.key, kv.value, t.kind, kv.expires_at FROM changes AS c
      LEFT JOIN kv ON kv.collection = c.collection AND kv.key = c.key AND kv.rev = c.rev
      LEFT JOIN tombstones AS t ON t.rev = c.rev
      WHERE c.collection = (SELECT ?2) AND c.rev > ?1 AND (kv.rev IS NOT NULL OR t.rev IS NOT NULL)
@@ -140,42 +135,19 @@ impl Sqlite {
     pub fn purge_tombstones(&self, before_ms: i64, limit: usize) -> Result<usize, rusqlite::Error> {
         // Only the oldest `limit` tombstones by revision are looked at, so a purge costs the same
         // however many are young (revision order is deletion-time order, unless the clock went
-        // back, which only keeps some tombstones longer). Objects' tombstones are rows of `kv`,
-        // collections' are in `tombstones`.
-        let oldest: Vec<(i64, i64)> = self
+        // back, which only keeps some tombstones longer).
+        let purged: Vec<(i64, String)> = self
             .conn
             .prepare_cached(
-                "SELECT rev, at FROM (
-                     SELECT * FROM (SELECT rev, updated_at AS at FROM kv INDEXED BY kv_tombstones
-                                    WHERE deleted IS NOT NULL ORDER BY rev LIMIT (SELECT ?1))
-                     UNION ALL
-                     SELECT * FROM (SELECT rev, deleted_at AS at FROM tombstones
-                                    ORDER BY rev LIMIT (SELECT ?1)))
-                 ORDER BY rev LIMIT (SELECT ?1)",
+                "DELETE FROM tombstones WHERE rev IN (
+                     SELECT rev FROM (SELECT rev, deleted_at FROM tombstones ORDER BY rev LIMIT (SELECT ?2))
+                     WHERE deleted_at < ?1)
+                 RETURNING rev, collection",
             )?
-            .query_map(params![limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .query_map(params![before_ms, limit as i64], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
             .collect::<Result<_, _>>()?;
-        let mut purged = Vec::new();
-        for (rev, at) in oldest {
-            if at >= before_ms {
-                continue;
-            }
-            let object: Option<String> = self
-                .conn
-                .prepare_cached(
-                    "DELETE FROM kv WHERE deleted IS NOT NULL AND rev = ?1 RETURNING collection",
-                )?
-                .query_row(params![rev], |row| row.get(0))
-                .optional()?;
-            let collection = match object {
-                Some(collection) => collection,
-                None => self
-                    .conn
-                    .prepare_cached("DELETE FROM tombstones WHERE rev = ?1 RETURNING collection")?
-                    .query_row(params![rev], |row| row.get(0))?,
-            };
-            purged.push((rev, collection));
-        }
         for (rev, collection) in &purged {
             self.conn
                 .prepare_cached("DELETE FROM changes WHERE rev = ?1")?
@@ -263,7 +235,7 @@ mod tests {
         write(&s, 2, |s| s.put("c", "b", "2", 2, None).unwrap());
         write(&s, 3, |s| s.put("d", "a", "3", 3, None).unwrap());
         write(&s, 4, |s| s.put("c", "a", "4", 4, None).unwrap());
-        write(&s, 5, |s| assert!(s.delete("c", "b", 5, false).unwrap()));
+        write(&s, 5, |s| assert!(s.delete("c", "b", 5).unwrap()));
         let (all, page) = feed(&s, 0, None, 10);
         assert_eq!(all, ["3 Put d/a 3", "4 Put c/a 4", "5 Delete c/b -"]);
         assert_eq!(
@@ -303,8 +275,8 @@ mod tests {
             s.put("c", "b", "1", 2, None).unwrap();
         });
         write(&s, 4, |s| {
-            s.delete("c", "a", 3, false).unwrap();
-            s.delete("c", "b", 4, false).unwrap();
+            s.delete("c", "a", 3).unwrap();
+            s.delete("c", "b", 4).unwrap();
         });
         assert_eq!(s.compacted_rev().unwrap(), 0);
         assert_eq!(s.purge_tombstones(0, 100).unwrap(), 0, "none is that old");
@@ -322,39 +294,6 @@ mod tests {
     }
 
     #[test]
-    fn the_purge_takes_objects_and_collections_tombstones_oldest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir);
-        write(&s, 3, |s| {
-            s.put("c", "a", "1", 1, None).unwrap();
-            s.put("d", "x", "1", 2, None).unwrap();
-            s.put("e", "y", "1", 3, None).unwrap();
-        });
-        write(&s, 6, |s| {
-            assert!(s.delete("c", "a", 4, false).unwrap());
-            assert_eq!(s.delete_collection("d", 5).unwrap(), (1, 1));
-            assert!(s.delete("e", "y", 6, true).unwrap());
-        });
-        let revs = |s: &Sqlite| -> Vec<u64> {
-            let mut revs = Vec::new();
-            s.snapshot(|s| s.changes(0, None, 10, false, |c| revs.push(c.rev)))
-                .unwrap();
-            revs
-        };
-        assert_eq!(revs(&s), [4, 5, 6]);
-        assert_eq!(s.purge_tombstones(i64::MAX, 2).unwrap(), 2);
-        assert_eq!(revs(&s), [6], "an object's, then a collection's");
-        assert_eq!(s.compacted_rev().unwrap(), 5);
-        assert_eq!(s.purge_tombstones(i64::MAX, 2).unwrap(), 1);
-        assert!(revs(&s).is_empty());
-        let rows: i64 = s
-            .conn
-            .query_row("SELECT count(*) FROM kv", [], |row| row.get(0))
-            .unwrap();
-        assert_eq!(rows, 0, "no tombstone row is left");
-    }
-
-    #[test]
     fn compaction_deletes_only_stale_entries_and_changes_no_answer() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
@@ -363,7 +302,7 @@ mod tests {
         write(&s, 3, |s| {
             s.put("c", "b", "3", 3, None).unwrap();
         });
-        write(&s, 4, |s| assert!(s.delete("c", "b", 4, false).unwrap()));
+        write(&s, 4, |s| assert!(s.delete("c", "b", 4).unwrap()));
         write(&s, 5, |s| {
             s.put("d", "x", "5", 5, None).unwrap();
         });

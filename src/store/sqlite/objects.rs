@@ -1,7 +1,6 @@
 //! Objects and collections: reading them, and the writes the writer thread runs with the revision
 //! it assigns. Every write keeps the tombstones and the per-collection revision in step (the
-//! triggers of migration 6 keep the counts). A deleted or expired object stays in `kv` as its
-//! own tombstone (`deleted` set), so every read of objects looks at live rows only.
+//! triggers of migration 4 keep the counts).
 
 use rusqlite::{OptionalExtension, params};
 
@@ -11,20 +10,20 @@ use crate::store::{
 };
 
 /// The list statements: with or without an upper bound for the prefix, with or without values.
-/// An object is live until its `expires_at`, and never once `deleted` is set. The collection and the limit are bound through
+/// An object is live until its `expires_at`. The collection and the limit are bound through
 /// `(SELECT ?N)` because SQLite (built with STAT4, as rusqlite bundles it) re-prepares a statement
 /// on every run when a bound LIMIT, or a bound equality that feeds an ORDER BY or max() over an
 /// index, could change its plan (measured with `sqlite3_stmt_status`; a LIST of 100 objects spent
 /// a third of its instructions re-preparing). The same goes for every such statement in `store/`.
 const LIST_SQL: [&str; 4] = [
     "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3
-     AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
     "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3
-     AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
     "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3 AND key < ?4
-     AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
     "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3 AND key < ?4
-     AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
+     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
 ];
 
 impl Sqlite {
@@ -45,7 +44,7 @@ impl Sqlite {
         self.conn
             .prepare_cached(
                 "SELECT value, rev, expires_at FROM kv WHERE collection = ?1 AND key = ?2
-                 AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?3)",
+                 AND (expires_at IS NULL OR expires_at > ?3)",
             )?
             .query_row(params![collection, key, now_millis()], |row| {
                 let version = Version {
@@ -62,7 +61,7 @@ impl Sqlite {
         self.conn
             .prepare_cached(
                 "SELECT rev FROM kv WHERE collection = ?1 AND key = ?2
-                 AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?3)",
+                 AND (expires_at IS NULL OR expires_at > ?3)",
             )?
             .query_row(params![collection, key, now_millis()], |row| {
                 row.get(0).map(count)
@@ -113,12 +112,10 @@ impl Sqlite {
     ) -> Result<u64, rusqlite::Error> {
         let sql = if collection.is_some() {
             "SELECT collection, key, value, expires_at FROM kv WHERE collection = (SELECT ?1)
-             AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?2)
-             ORDER BY collection, key"
+             AND (expires_at IS NULL OR expires_at > ?2) ORDER BY collection, key"
         } else {
             "SELECT collection, key, value, expires_at FROM kv WHERE ?1 IS NULL
-             AND deleted IS NULL AND (expires_at IS NULL OR expires_at > ?2)
-             ORDER BY collection, key"
+             AND (expires_at IS NULL OR expires_at > ?2) ORDER BY collection, key"
         };
         let mut stmt = self.conn.prepare_cached(sql)?;
         let mut rows = stmt.query(params![collection, now_millis()])?;
@@ -216,9 +213,9 @@ impl Sqlite {
             .query_row(params![name], |row| row.get(0).map(count))
     }
 
-    /// Stores one object at revision `rev`, expiring at `expires_at` (unix ms; `None`: never),
-    /// over its tombstone if it has one. Says whether it replaced a stored object (live or
-    /// expired but not swept yet).
+    /// Stores one object at revision `rev`, expiring at `expires_at` (unix ms; `None`: never).
+    /// The insert trigger forgets its tombstone, if any. Says whether it replaced a stored
+    /// object (live or expired but not swept yet).
     pub fn put(
         &self,
         collection: &str,
@@ -235,7 +232,7 @@ impl Sqlite {
             .conn
             .prepare_cached(
                 "UPDATE kv SET value = ?3, updated_at = ?4, rev = ?5, expires_at = ?6
-                 WHERE collection = ?1 AND key = ?2 AND deleted IS NULL",
+                 WHERE collection = ?1 AND key = ?2",
             )?
             .execute(args)?
             > 0;
@@ -243,9 +240,7 @@ impl Sqlite {
             self.conn
                 .prepare_cached(
                     "INSERT INTO kv (collection, key, value, updated_at, rev, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (collection, key) DO UPDATE SET value = ?3, updated_at = ?4,
-                         rev = ?5, expires_at = ?6, deleted = NULL",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
                 .execute(args)?;
         }
@@ -253,25 +248,15 @@ impl Sqlite {
         Ok(replaced)
     }
 
-    /// Turns one live object into a tombstone at revision `rev` (see `remove` for `reclaim`);
-    /// says whether it was there (no tombstone when it was not). An expired object is left to
-    /// the sweep.
-    pub fn delete(
-        &self,
-        collection: &str,
-        key: &str,
-        rev: u64,
-        reclaim: bool,
-    ) -> Result<bool, rusqlite::Error> {
-        let sql = if reclaim {
-            "DELETE FROM kv WHERE collection = ?1 AND key = ?2 AND deleted IS NULL
-             AND (expires_at IS NULL OR expires_at > ?3)"
-        } else {
-            "UPDATE kv SET value = '', deleted = ?4, rev = ?5, updated_at = ?3, expires_at = NULL
-             WHERE collection = ?1 AND key = ?2 AND deleted IS NULL
-             AND (expires_at IS NULL OR expires_at > ?3)"
-        };
-        self.remove(sql, (collection, key, rev), DELETED, reclaim)
+    /// Removes one live object, leaving a tombstone at revision `rev`; says whether it was there
+    /// (no tombstone when it was not). An expired object is left to the sweep.
+    pub fn delete(&self, collection: &str, key: &str, rev: u64) -> Result<bool, rusqlite::Error> {
+        self.remove(
+            "DELETE FROM kv WHERE collection = ?1 AND key = ?2
+             AND (expires_at IS NULL OR expires_at > ?3)",
+            (collection, key, rev),
+            DELETED,
+        )
     }
 
     /// Up to `limit` objects that have expired by `now` (unix ms), soonest first.
@@ -288,89 +273,54 @@ impl Sqlite {
             .collect()
     }
 
-    /// Turns one expired object into a tombstone of kind "expired" at revision `rev` (see
-    /// `remove` for `reclaim`); says whether it was still there and expired.
-    pub fn expire(
-        &self,
-        collection: &str,
-        key: &str,
-        rev: u64,
-        reclaim: bool,
-    ) -> Result<bool, rusqlite::Error> {
-        let sql = if reclaim {
-            "DELETE FROM kv WHERE collection = ?1 AND key = ?2 AND deleted IS NULL
-             AND expires_at <= ?3"
-        } else {
-            "UPDATE kv SET value = '', deleted = ?4, rev = ?5, updated_at = ?3, expires_at = NULL
-             WHERE collection = ?1 AND key = ?2 AND deleted IS NULL AND expires_at <= ?3"
-        };
-        self.remove(sql, (collection, key, rev), EXPIRED, reclaim)
+    /// Removes one expired object, leaving a tombstone of kind "expired" at revision `rev`; says
+    /// whether it was still there and expired.
+    pub fn expire(&self, collection: &str, key: &str, rev: u64) -> Result<bool, rusqlite::Error> {
+        self.remove(
+            "DELETE FROM kv WHERE collection = ?1 AND key = ?2 AND expires_at <= ?3",
+            (collection, key, rev),
+            EXPIRED,
+        )
     }
 
-    /// Runs a statement that removes one object (parameters: collection, key, now, `kind`,
-    /// `rev`) and, if it did, logs the feed entry at revision `rev`.
-    ///
-    /// Without `reclaim` the statement rewrites the object's row as its tombstone: one page
-    /// written. That leaves the row's page in use, its freed bytes reused only by rows near it,
-    /// until the purge forgets the tombstone. With `reclaim` the statement deletes the row, and
-    /// the tombstone goes into a new row at the end of the table: its page and its key's index
-    /// page are written, but pages it empties go back to the free list at once, which is what a
-    /// quota or a full disk needs from a delete.
+    /// Runs a statement that removes one object (parameters: collection, key, now) and, if it
+    /// did, leaves its tombstone of `kind` and its feed entry at revision `rev`.
     fn remove(
         &self,
         sql: &str,
         (collection, key, rev): (&str, &str, u64),
         kind: i64,
-        reclaim: bool,
     ) -> Result<bool, rusqlite::Error> {
-        let now = now_millis();
-        let args = params![collection, key, now, kind, rev as i64];
-        let mut statement = self.conn.prepare_cached(sql)?;
-        let removed = if reclaim {
-            statement.execute(&args[..3])?
-        } else {
-            statement.execute(args)?
-        } > 0;
-        if removed && reclaim {
+        let removed =
             self.conn
-                .prepare_cached(
-                    "INSERT INTO kv (collection, key, value, updated_at, deleted, rev)
-                     VALUES (?1, ?2, '', ?3, ?4, ?5)",
-                )?
-                .execute(args)?;
+                .prepare_cached(sql)?
+                .execute(params![collection, key, now_millis()])?;
+        if removed > 0 {
+            self.bury(collection, key, kind, rev)?;
         }
-        if removed {
-            self.log(collection, key, rev)?;
-        }
-        Ok(removed)
+        Ok(removed > 0)
     }
 
     /// Removes every object of a collection and every tombstone it had, leaving one tombstone for
     /// the whole collection at revision `rev`; returns how many objects there were (nothing
     /// changes when there were none), and how many feed entries that made stale.
     pub fn delete_collection(&self, name: &str, rev: u64) -> Result<(u64, u64), rusqlite::Error> {
-        // The counts table counts every object row that is not a tombstone, expired ones too.
-        let objects: i64 = self
-            .conn
-            .prepare_cached("SELECT coalesce((SELECT count FROM collections WHERE name = ?1), 0)")?
-            .query_row(params![name], |row| row.get(0))?;
-        if objects <= 0 {
-            return Ok((0, 0));
-        }
-        // Objects and the tombstones of objects, each with a feed entry.
-        let rows = self
+        let removed = self
             .conn
             .prepare_cached("DELETE FROM kv WHERE collection = ?1")?
             .execute(params![name])?;
+        if removed == 0 {
+            return Ok((0, 0));
+        }
         let buried = self
             .conn
             .prepare_cached("DELETE FROM tombstones WHERE collection = ?1")?
             .execute(params![name])?;
         self.bury(name, "", COLLECTION_DELETED, rev)?;
-        Ok((count(objects), (rows + buried) as u64))
+        Ok((removed as u64, (removed + buried) as u64))
     }
 
-    /// Leaves a collection's tombstone (and its feed entry) at revision `rev`.
+    /// Leaves a tombstone (and its feed entry) at revision `rev`.
     fn bury(
         &self,
         collection: &str,
@@ -403,55 +353,22 @@ mod tests {
 
     #[test]
     fn put_get_overwrite_delete() {
-        // A tombstone rewritten in its row, or moved to a new one (see `remove`).
-        for reclaim in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = store(&dir);
-            assert_eq!(s.get("default", "a").unwrap(), None);
-            s.put("default", "a", r#"{"n":1}"#, 1, None).unwrap();
-            assert_eq!(
-                s.get("default", "a").unwrap().as_deref(),
-                Some(r#"{"n":1}"#)
-            );
-            assert_eq!(s.rev_of("default", "a").unwrap(), Some(1));
-            s.put("default", "a", "2", 2, None).unwrap();
-            assert_eq!(s.get("default", "a").unwrap().as_deref(), Some("2"));
-            assert_eq!(s.rev_of("default", "a").unwrap(), Some(2));
-            assert!(s.delete("default", "a", 3, reclaim).unwrap());
-            assert!(!s.delete("default", "a", 4, reclaim).unwrap());
-            assert_eq!(s.get("default", "a").unwrap(), None);
-            assert_eq!(s.rev_of("default", "a").unwrap(), None);
-        }
-    }
-
-    #[test]
-    fn a_delete_that_reclaims_gives_the_pages_it_empties_back_at_once() {
-        let value = format!("\"{}\"", "x".repeat(3000));
-        for reclaim in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = store(&dir);
-            for i in 0..200 {
-                s.put("c", &format!("k{i:03}"), &value, i + 1, None)
-                    .unwrap();
-            }
-            let before = s.used_bytes().unwrap() as i64;
-            for i in 0..200 {
-                assert!(
-                    s.delete("c", &format!("k{i:03}"), 201 + i, reclaim)
-                        .unwrap()
-                );
-            }
-            let freed = before - s.used_bytes().unwrap() as i64;
-            if reclaim {
-                assert!(freed > before / 2, "freed {freed} of {before}");
-            } else {
-                assert!(freed < before / 10, "in place: freed {freed} of {before}");
-            }
-            assert_eq!(s.collection_count("c").unwrap(), None);
-            // Either way the tombstones are there, and a put revives one as a new object.
-            assert!(!s.put("c", "k000", "1", 401, None).unwrap());
-            assert_eq!(s.collection_count("c").unwrap(), Some((1, 401)));
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        assert_eq!(s.get("default", "a").unwrap(), None);
+        s.put("default", "a", r#"{"n":1}"#, 1, None).unwrap();
+        assert_eq!(
+            s.get("default", "a").unwrap().as_deref(),
+            Some(r#"{"n":1}"#)
+        );
+        assert_eq!(s.rev_of("default", "a").unwrap(), Some(1));
+        s.put("default", "a", "2", 2, None).unwrap();
+        assert_eq!(s.get("default", "a").unwrap().as_deref(), Some("2"));
+        assert_eq!(s.rev_of("default", "a").unwrap(), Some(2));
+        assert!(s.delete("default", "a", 3).unwrap());
+        assert!(!s.delete("default", "a", 4).unwrap());
+        assert_eq!(s.get("default", "a").unwrap(), None);
+        assert_eq!(s.rev_of("default", "a").unwrap(), None);
     }
 
     #[test]
@@ -548,85 +465,76 @@ mod tests {
 
     #[test]
     fn an_expired_object_is_absent_for_every_read_until_swept() {
-        // A tombstone rewritten in its row, or moved to a new one (see `remove`).
-        for reclaim in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = store(&dir);
-            let past = now_millis() - 1;
-            s.put("c", "gone", "1", 1, Some(past)).unwrap();
-            s.put("c", "later", "2", 2, Some(now_millis() + 60_000))
-                .unwrap();
-            s.put("c", "always", "3", 3, None).unwrap();
-            assert_eq!(s.get("c", "gone").unwrap(), None);
-            assert_eq!(s.rev_of("c", "gone").unwrap(), None);
-            assert!(
-                !s.delete("c", "gone", 4, reclaim).unwrap(),
-                "deleting an expired object finds nothing"
-            );
-            let mut keys = Vec::new();
-            s.list("c", Range::default(), false, |k, _| {
-                keys.push(k.to_string())
-            })
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let past = now_millis() - 1;
+        s.put("c", "gone", "1", 1, Some(past)).unwrap();
+        s.put("c", "later", "2", 2, Some(now_millis() + 60_000))
             .unwrap();
-            assert_eq!(keys, ["always", "later"]);
-            assert_eq!(s.count_live("c", Range::default()).unwrap(), 2);
-            assert_eq!(
-                s.collection_count("c").unwrap(),
-                Some((3, 3)),
-                "until the sweep"
-            );
-            let version = s.get_with("c", "later", |_, v| v).unwrap().unwrap();
-            assert_eq!(version.rev, 2);
-            assert!(version.expires_at.is_some());
-            assert_eq!(
-                s.expired(now_millis(), 10).unwrap(),
-                [("c".to_string(), "gone".to_string())]
-            );
-            assert!(s.expire("c", "gone", 4, reclaim).unwrap());
-            assert!(
-                !s.expire("c", "later", 5, reclaim).unwrap(),
-                "not expired yet"
-            );
-            assert_eq!(s.collection_count("c").unwrap(), Some((2, 4)));
-            // A put makes an object permanent again, and revives an expired one.
-            s.put("c", "later", "2", 5, None).unwrap();
-            assert_eq!(
-                s.get_with("c", "later", |_, v| v.expires_at).unwrap(),
-                Some(None)
-            );
-        }
+        s.put("c", "always", "3", 3, None).unwrap();
+        assert_eq!(s.get("c", "gone").unwrap(), None);
+        assert_eq!(s.rev_of("c", "gone").unwrap(), None);
+        assert!(
+            !s.delete("c", "gone", 4).unwrap(),
+            "deleting an expired object finds nothing"
+        );
+        let mut keys = Vec::new();
+        s.list("c", Range::default(), false, |k, _| {
+            keys.push(k.to_string())
+        })
+        .unwrap();
+        assert_eq!(keys, ["always", "later"]);
+        assert_eq!(s.count_live("c", Range::default()).unwrap(), 2);
+        assert_eq!(
+            s.collection_count("c").unwrap(),
+            Some((3, 3)),
+            "until the sweep"
+        );
+        let version = s.get_with("c", "later", |_, v| v).unwrap().unwrap();
+        assert_eq!(version.rev, 2);
+        assert!(version.expires_at.is_some());
+        assert_eq!(
+            s.expired(now_millis(), 10).unwrap(),
+            [("c".to_string(), "gone".to_string())]
+        );
+        assert!(s.expire("c", "gone", 4).unwrap());
+        assert!(!s.expire("c", "later", 5).unwrap(), "not expired yet");
+        assert_eq!(s.collection_count("c").unwrap(), Some((2, 4)));
+        // A put makes an object permanent again, and revives an expired one.
+        s.put("c", "later", "2", 5, None).unwrap();
+        assert_eq!(
+            s.get_with("c", "later", |_, v| v.expires_at).unwrap(),
+            Some(None)
+        );
     }
 
     #[test]
     fn collection_counts_and_revisions_follow_every_write() {
-        // A tombstone rewritten in its row, or moved to a new one (see `remove`).
-        for reclaim in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = store(&dir);
-            s.put("b", "1", "1", 1, None).unwrap();
-            s.put("b", "1", "2", 2, None).unwrap(); // an overwrite is not a new object
-            s.put("b", "2", "1", 3, None).unwrap();
-            s.put("a", "1", "1", 4, None).unwrap();
-            assert_eq!(
-                counts(&s),
-                [("a".to_string(), 1, 4), ("b".to_string(), 2, 3)]
-            );
-            assert_eq!(s.collection_count("b").unwrap(), Some((2, 3)));
-            assert!(s.delete("b", "1", 5, reclaim).unwrap());
-            assert!(!s.delete("b", "1", 6, reclaim).unwrap());
-            assert_eq!(s.collection_count("b").unwrap(), Some((1, 5)));
-            assert!(s.delete("a", "1", 7, reclaim).unwrap());
-            assert_eq!(
-                s.collection_count("a").unwrap(),
-                None,
-                "an emptied collection disappears"
-            );
-            assert_eq!(s.collection_rev("a").unwrap(), 7, "but keeps its revision");
-            assert_eq!(s.delete_collection("b", 8).unwrap(), (1, 2));
-            assert_eq!(s.delete_collection("b", 9).unwrap(), (0, 0));
-            assert_eq!(s.collection_rev("b").unwrap(), 8);
-            assert_eq!(s.collection_rev("never").unwrap(), 0);
-            assert!(counts(&s).is_empty());
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        s.put("b", "1", "1", 1, None).unwrap();
+        s.put("b", "1", "2", 2, None).unwrap(); // an overwrite is not a new object
+        s.put("b", "2", "1", 3, None).unwrap();
+        s.put("a", "1", "1", 4, None).unwrap();
+        assert_eq!(
+            counts(&s),
+            [("a".to_string(), 1, 4), ("b".to_string(), 2, 3)]
+        );
+        assert_eq!(s.collection_count("b").unwrap(), Some((2, 3)));
+        assert!(s.delete("b", "1", 5).unwrap());
+        assert!(!s.delete("b", "1", 6).unwrap());
+        assert_eq!(s.collection_count("b").unwrap(), Some((1, 5)));
+        assert!(s.delete("a", "1", 7).unwrap());
+        assert_eq!(
+            s.collection_count("a").unwrap(),
+            None,
+            "an emptied collection disappears"
+        );
+        assert_eq!(s.collection_rev("a").unwrap(), 7, "but keeps its revision");
+        assert_eq!(s.delete_collection("b", 8).unwrap(), (1, 2));
+        assert_eq!(s.delete_collection("b", 9).unwrap(), (0, 0));
+        assert_eq!(s.collection_rev("b").unwrap(), 8);
+        assert_eq!(s.collection_rev("never").unwrap(), 0);
+        assert!(counts(&s).is_empty());
     }
 }

@@ -105,36 +105,6 @@ pub(in crate::store) const MIGRATIONS: &[&str] = &[
     // partial index (only objects with a TTL are in it) and deletes them with a revision each.
     "ALTER TABLE kv ADD COLUMN expires_at INTEGER;
     CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;",
-    // 6: a deleted or expired object's tombstone stays in its own row, with `deleted` set to the
-    // tombstone's kind (NULL while the object is live) and `updated_at` to when it went. Deleting
-    // then rewrites one page (the row's) instead of three scattered ones (the row, its key in the
-    // primary-key index, and the tombstone's key in the tombstones' index): measured on 770k
-    // objects, scattered DELETEs went from 18.4k to 31.7k per second. `tombstones` keeps only
-    // the tombstones of whole collections (kind 2; 0 and 1 are deleted and expired). The purge finds the oldest tombstones
-    // through `kv_tombstones`; the counts triggers count live rows only.
-    "ALTER TABLE kv ADD COLUMN deleted INTEGER;
-    CREATE INDEX kv_tombstones ON kv (rev) WHERE deleted IS NOT NULL;
-    DROP TRIGGER kv_counted_insert;
-    CREATE TRIGGER kv_counted_insert AFTER INSERT ON kv WHEN NEW.deleted IS NULL BEGIN
-        INSERT INTO collections (name, count) VALUES (NEW.collection, 1)
-        ON CONFLICT (name) DO UPDATE SET count = count + 1;
-    END;
-    DROP TRIGGER kv_counted_delete;
-    CREATE TRIGGER kv_counted_delete AFTER DELETE ON kv WHEN OLD.deleted IS NULL BEGIN
-        UPDATE collections SET count = count - 1 WHERE name = OLD.collection;
-    END;
-    CREATE TRIGGER kv_counted_bury AFTER UPDATE OF deleted ON kv
-    WHEN OLD.deleted IS NULL AND NEW.deleted IS NOT NULL BEGIN
-        UPDATE collections SET count = count - 1 WHERE name = OLD.collection;
-    END;
-    CREATE TRIGGER kv_counted_revive AFTER UPDATE OF deleted ON kv
-    WHEN OLD.deleted IS NOT NULL AND NEW.deleted IS NULL BEGIN
-        INSERT INTO collections (name, count) VALUES (NEW.collection, 1)
-        ON CONFLICT (name) DO UPDATE SET count = count + 1;
-    END;
-    INSERT INTO kv (collection, key, value, updated_at, rev, deleted)
-        SELECT collection, key, '', deleted_at, rev, kind FROM tombstones WHERE kind IN (0, 1);
-    DELETE FROM tombstones WHERE kind IN (0, 1);",
 ];
 
 impl Sqlite {
@@ -217,7 +187,7 @@ mod tests {
             Some((2, 4)),
             "triggers still count"
         );
-        assert!(s.delete("x", "a", 5, false).unwrap());
+        assert!(s.delete("x", "a", 5).unwrap());
         assert_eq!(s.collection_count("x").unwrap(), Some((1, 5)));
         let without_rowid: i64 = s
             .conn
@@ -254,51 +224,6 @@ mod tests {
         })
         .unwrap();
         assert_eq!(feed, [(1, "y".into()), (2, "a".into()), (3, "z".into())]);
-    }
-
-    #[test]
-    fn migrating_a_version_5_database_moves_objects_tombstones_into_their_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = old_database(
-            &dir,
-            5,
-            "INSERT INTO kv (collection, key, value, updated_at, rev) VALUES ('c', 'live', '1', 0, 1);
-             INSERT INTO tombstones VALUES (2, 'c', 'gone', 0, 1000), (3, 'c', 'old', 1, 1000),
-                                           (4, 'd', '', 2, 1000);
-             INSERT INTO changes VALUES (1, 'c', 'live'), (2, 'c', 'gone'), (3, 'c', 'old'),
-                                        (4, 'd', '');
-             UPDATE meta SET value = 4 WHERE name = 'revision';",
-        );
-        assert_eq!(
-            counts(&s),
-            [("c".to_string(), 1, 3)],
-            "tombstones are not counted"
-        );
-        let mut feed = Vec::new();
-        s.snapshot(|s| {
-            s.changes(0, None, 10, false, |c| {
-                feed.push(format!("{} {:?} {}/{}", c.rev, c.kind, c.collection, c.key))
-            })
-        })
-        .unwrap();
-        assert_eq!(
-            feed,
-            [
-                "1 Put c/live",
-                "2 Delete c/gone",
-                "3 Expired c/old",
-                "4 DeleteCollection d/"
-            ]
-        );
-        assert_eq!(s.get("c", "gone").unwrap(), None);
-        // A put revives a migrated tombstone as a new object.
-        assert!(
-            !s.put("c", "gone", "2", 5, None).unwrap(),
-            "not a replacement"
-        );
-        assert_eq!(s.collection_count("c").unwrap(), Some((2, 5)));
-        assert_eq!(s.purge_tombstones(i64::MAX, 10).unwrap(), 2, "c/old and d");
-        assert_eq!(s.compacted_rev().unwrap(), 4);
     }
 
     #[test]
