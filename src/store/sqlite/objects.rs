@@ -15,14 +15,18 @@ use crate::store::{
 /// on every run when a bound LIMIT, or a bound equality that feeds an ORDER BY or max() over an
 /// index, could change its plan (measured with `sqlite3_stmt_status`; a LIST of 100 objects spent
 /// a third of its instructions re-preparing). The same goes for every such statement in `store/`.
+/// The range starts at one bound, `?2`, the greater of the cursor and the prefix: SQLite's index
+/// range takes a single lower bound, and given `key > cursor AND key >= prefix` it started at the
+/// cursor, so a list of a prefix with no cursor walked every key before the prefix (measured:
+/// 14 ms for 100 keys behind 300k others, against 0.7 ms for the collection's first page).
 const LIST_SQL: [&str; 4] = [
-    "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3
+    "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3
      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
-    "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3
+    "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3
      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
-    "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3 AND key < ?4
+    "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3 AND key < ?4
      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
-    "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key > ?2 AND key >= ?3 AND key < ?4
+    "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3 AND key < ?4
      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
 ];
 
@@ -84,10 +88,14 @@ impl Sqlite {
         let mut stmt = self.conn.prepare_cached(sql)?;
         // One more than the limit tells whether more follow; -1 is SQLite's "no limit".
         let limit = range.limit.map_or(-1, |n| n as i64 + 1);
+        let lower = match range.after {
+            Some(after) if after > range.prefix => after,
+            _ => range.prefix,
+        };
         let mut rows = stmt.query(params![
             collection,
-            range.after.unwrap_or(""),
-            range.prefix,
+            lower,
+            range.after,
             upper,
             now_millis(),
             limit
@@ -461,6 +469,49 @@ mod tests {
         assert_eq!(prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
         assert_eq!(prefix_end("\u{D7FF}").as_deref(), Some("\u{E000}"));
         assert_eq!(prefix_end("\u{10FFFF}"), None);
+    }
+
+    #[test]
+    fn a_prefix_list_starts_at_the_prefix_not_at_the_first_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        s.control("BEGIN IMMEDIATE").unwrap();
+        for i in 0..5000 {
+            s.put("c", &format!("a{i:05}"), "1", i + 1, None).unwrap();
+        }
+        for i in 0..10 {
+            s.put("c", &format!("k{i}"), "1", 6000 + i, None).unwrap();
+        }
+        s.control("COMMIT").unwrap();
+        let keys = |prefix: &str, after: Option<&str>| {
+            let mut keys = Vec::new();
+            let range = Range {
+                prefix,
+                after,
+                ..Range::default()
+            };
+            s.list("c", range, false, |k, _| keys.push(k.to_string()))
+                .unwrap();
+            keys.join(" ")
+        };
+        assert_eq!(keys("k", None), "k0 k1 k2 k3 k4 k5 k6 k7 k8 k9");
+        let steps = s
+            .conn
+            .prepare_cached(LIST_SQL[2])
+            .unwrap()
+            .get_status(rusqlite::StatementStatus::VmStep);
+        assert!(
+            steps < 1000,
+            "{steps} VM steps: the range walked the 5000 keys before the prefix"
+        );
+        assert_eq!(
+            keys("k", Some("k6")),
+            "k7 k8 k9",
+            "a cursor inside the prefix"
+        );
+        assert_eq!(keys("k", Some("a")), keys("k", None), "a cursor before it");
+        assert_eq!(keys("k", Some("k9")), "", "a cursor at its end");
+        assert_eq!(keys("a0499", Some("a04995")), "a04996 a04997 a04998 a04999");
     }
 
     #[test]
