@@ -122,7 +122,7 @@ for mode in $KV_MODES; do
 	warm_up "$base"
 	echo "- kv $mode prepopulation through the API: $KEYS keys each of 100 B (k*, ${t100} s), 4 KiB (m*, ${t4k} s), 64 KiB (l*, ${t64k} s); $LIST_OBJECTS objects in collection list100 (${tlist} s)" >>"$NOTES"
 
-	if ((${#BARE_BYTES[@]} == 0)); then
+	if [[ -z ${BARE_BYTES[small]:-} ]]; then
 		# The bare server answers each workload with a body as large as kv's answer to it.
 		BARE_BYTES[small]=$(body_bytes "${base}objects" -X PUT -d '{"key":"k0","value":"'"$(printf 'x%.0s' $(seq 98))"'"}')
 		BARE_BYTES[get100]=$(body_bytes "${base}objects/k1")
