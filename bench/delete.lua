@@ -4,9 +4,10 @@
 -- integer nearest KEYS times the golden ratio's fraction that shares no factor with KEYS, so each
 -- request lands far from the last few whatever KEYS is (a fixed stride did not: with 400000 keys,
 -- 1000003 walked two nearly sequential runs), and with KEYS keys prepopulated (bench/fill.lua) the
--- first KEYS requests each find their key; after that they get 404. At the end it prints `delete: status 200=A 404=B other=C`, counted in the
--- `response` callback (that makes wrk parse every response, so the reference server is driven with
--- this same script, to compare like with like).
+-- first KEYS requests each find their key; after that they get 404. At the end it prints
+-- `delete: status 200=A 404=B other=C`, counted in the `response` callback (that makes wrk parse
+-- every response, so the reference server is driven with this same script, to compare like with
+-- like).
 local prefix = os.getenv("PREFIX") or "d"
 local keys = tonumber(os.getenv("KEYS") or "200000")
 local function gcd(a, b)

@@ -314,9 +314,10 @@ fn at_the_cap_a_request_in_progress_is_never_closed_for_room() {
 }
 
 /// One thread sends the answers to writes after their commit (src/http/deferred.rs), and must
-/// never wait for a client to read: here one client pipelines hundreds of PUTs with long keys and reads nothing,
-/// so its answers fill its socket and kv stops reading its requests, and meanwhile another
-/// client's writes are answered. Then the first client reads: every answer is there, in order.
+/// never wait for a client to read: here one client pipelines 5,000 PUTs with long keys and reads
+/// nothing, so its answers fill its socket and kv stops reading its requests, and meanwhile
+/// another client's writes are answered. Then the first client reads: every answer is there, in
+/// order.
 #[test]
 fn a_client_that_does_not_read_its_answers_holds_no_other_write() {
     const PIPELINED: usize = 5000;

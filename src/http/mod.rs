@@ -220,7 +220,7 @@ fn serve_connection(
         .open_connections
         .fetch_add(1, Ordering::Relaxed);
     let _open = OpenConnection(&shared.metrics);
-    // Set while the writer still owes this connection the answer to its last request.
+    // Set while this connection's last request still waits for its answer to be sent.
     let owed = Arc::new(Latch::default());
     loop {
         // Idle (since it was accepted, or since the last answer) until the first byte of the next
@@ -345,8 +345,8 @@ fn answer_unreadable(e: &tiny_http::ReadError, conn: &Conn) {
     }
 }
 
-/// Handles one request: reads its body, runs it, answers (the answer to a write is sent by the
-/// writer after the commit). Returns false when the connection must close (after a stream, or a
+/// Handles one request: reads its body, runs it, answers (most answers to writes go out after the
+/// commit, from `deferred.rs`). Returns false when the connection must close (after a stream, or a
 /// body that cannot be read).
 fn handle(
     mut request: tiny_http::Request,

@@ -24,10 +24,10 @@ const LIST_SQL: [&str; 4] = [
      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
     "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3
      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
-    "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3 AND key < ?4
-     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
-    "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3 AND key < ?4
-     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
+    "SELECT key, NULL FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3
+     AND key < ?4 AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
+    "SELECT key, value FROM kv WHERE collection = (SELECT ?1) AND key >= ?2 AND key IS NOT ?3
+     AND key < ?4 AND (expires_at IS NULL OR expires_at > ?5) ORDER BY key LIMIT (SELECT ?6)",
 ];
 
 impl Sqlite {
