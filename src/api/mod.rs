@@ -618,7 +618,7 @@ pub(super) mod tests {
                 Writer::start(w, watch.clone(), metrics.clone(), space.clone(), settings).unwrap();
             let submitter = writer.submitter();
             Harness {
-                pool: Pool::open(&db, 2).unwrap(),
+                pool: Pool::open(&db, 2, Default::default()).unwrap(),
                 watch,
                 auth,
                 metrics,

@@ -144,8 +144,8 @@ pub fn serve(
 ) -> Result<Server, String> {
     let listener = listen(config)?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let pool =
-        Pool::open(database, config.workers).map_err(|e| format!("cannot open {database}: {e}"))?;
+    let pool = Pool::open(database, config.workers, writer.reads())
+        .map_err(|e| format!("cannot open {database}: {e}"))?;
     let Services {
         watch,
         metrics,

@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Sync;
 pub use error::DbError;
-pub use pool::Pool;
+pub use pool::{Pool, ReadsInProgress};
 pub use sqlite::Sqlite;
 
 /// The collection used when a request names none.

@@ -1,6 +1,7 @@
 //! The read connections the connection threads share.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, Thread};
 
@@ -15,6 +16,19 @@ use super::{Database, DbError, Store};
 pub struct Pool {
     state: Mutex<PoolState>,
     db: Database,
+    reads: ReadsInProgress,
+}
+
+/// How many reads hold a pooled connection right now. The writer looks at it to tell whether
+/// clients are busy with something other than waiting for their writes (see `writer/gather.rs`).
+#[derive(Clone, Default)]
+pub struct ReadsInProgress(Arc<AtomicUsize>);
+
+impl ReadsInProgress {
+    /// Whether any read is in progress.
+    pub fn any(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
 }
 
 struct PoolState {
@@ -37,8 +51,8 @@ pub struct Pooled<'a> {
 }
 
 impl Pool {
-    /// Opens `size` read connections to the database.
-    pub fn open(db: &Database, size: usize) -> Result<Pool, DbError> {
+    /// Opens `size` read connections to the database; `reads` counts the reads that hold one.
+    pub fn open(db: &Database, size: usize, reads: ReadsInProgress) -> Result<Pool, DbError> {
         let idle = (0..size)
             .map(|_| Store::open(db))
             .collect::<Result<Vec<_>, _>>()?;
@@ -48,6 +62,7 @@ impl Pool {
                 waiting: VecDeque::new(),
             }),
             db: db.clone(),
+            reads,
         })
     }
 
@@ -60,6 +75,7 @@ impl Pool {
     /// A connection, waiting (behind those who came first) for one to come back when all are in
     /// use.
     pub fn get(&self) -> Pooled<'_> {
+        self.reads.0.fetch_add(1, Ordering::Relaxed);
         let waiter = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(store) = state.idle.pop() {
@@ -105,6 +121,7 @@ impl std::ops::Deref for Pooled<'_> {
 
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
+        self.pool.reads.0.fetch_sub(1, Ordering::Relaxed);
         if let Some(store) = self.store.take() {
             let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
             match state.waiting.pop_front() {
@@ -132,7 +149,7 @@ mod tests {
             file: dir.path().join("kv.sqlite3"),
             sync: Sync::Full,
         };
-        Arc::new(Pool::open(&db, 1).unwrap())
+        Arc::new(Pool::open(&db, 1, Default::default()).unwrap())
     }
 
     #[test]
@@ -154,6 +171,29 @@ mod tests {
         drop(held);
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn reads_in_progress_count_holders_and_waiters() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::store::sqlite::tests::store(&dir);
+        let db = Database::Sqlite {
+            file: dir.path().join("kv.sqlite3"),
+            sync: Sync::Full,
+        };
+        let reads = ReadsInProgress::default();
+        let pool = Arc::new(Pool::open(&db, 1, reads.clone()).unwrap());
+        assert!(!reads.any());
+        let held = pool.get();
+        assert!(reads.any());
+        let waiting = pool.clone();
+        let t = std::thread::spawn(move || drop(waiting.get()));
+        while pool.state.lock().unwrap().waiting.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        t.join().unwrap();
+        assert_eq!(reads.0.load(Ordering::Relaxed), 0, "every read ended");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! `BEGIN IMMEDIATE … COMMIT` (one fsync for the whole group), and only then calls each write's
 //! callback with its outcome. Under one client that is one write per commit; under many it
 //! amortises the fsync, and no worker sits idle waiting for a disk flush while reads queue up.
+//! When writes come from clients that are also reading, the writer may wait a moment for more
+//! before it commits (`gather.rs`).
 //!
 //! Checkpoints (copying committed pages from the WAL into the database file) run mostly on a
 //! thread of their own: SQLite's automatic checkpoint runs inside a commit, and on a large database
@@ -27,17 +29,19 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::space::Space;
-use crate::store::{Store, now_millis};
+use crate::store::{ReadsInProgress, Store, now_millis};
 use crate::watch::Watch;
 
 mod apply;
 mod background;
+mod gather;
 mod op;
 mod retry;
 
 pub use op::{Cond, Done, ImportLine, Op, Outcome, Reply, Tags};
 
 use background::{Periodic, Poller, maintain, purge_interval, sweep};
+use gather::Gathering;
 use retry::{Retries, jitter};
 
 /// Most writes committed together, so one huge group cannot hold every reply for long.
@@ -83,6 +87,7 @@ enum Msg {
 /// purge of old tombstones and compaction of the feed's log.
 pub struct Writer {
     submitter: Submitter,
+    reads: ReadsInProgress,
     thread: JoinHandle<()>,
     checkpointer: Periodic,
     sweeper: Periodic,
@@ -165,6 +170,7 @@ impl Writer {
         let queued = Arc::new(QueuedBytes::default());
         let submitter = Submitter { jobs, queued };
         let thread_queued = submitter.queued.clone();
+        let reads = ReadsInProgress::default();
         let writing = Writing {
             store,
             watch,
@@ -174,6 +180,8 @@ impl Writer {
             stale: 0,
             compacting: None,
             write_delay_ms: settings.write_delay_ms,
+            reads: reads.clone(),
+            gathering: Gathering::default(),
         };
         let thread = thread::Builder::new()
             .name("kv-writer".into())
@@ -199,6 +207,7 @@ impl Writer {
         })?;
         Ok(Writer {
             submitter,
+            reads,
             thread,
             checkpointer: companion,
             sweeper,
@@ -209,6 +218,11 @@ impl Writer {
     /// A new way to submit writes.
     pub fn submitter(&self) -> Submitter {
         self.submitter.clone()
+    }
+
+    /// The count of reads in progress that the read pool keeps for the writer (see `gather.rs`).
+    pub fn reads(&self) -> ReadsInProgress {
+        self.reads.clone()
     }
 
     /// Waits for the writer to commit what is queued, answer it, and close its connection. A write
@@ -259,15 +273,12 @@ fn run(mut writing: Writing, queue: Receiver<Msg>, queued: &QueuedBytes) {
             Ok(Msg::Write(job)) => group.push(job),
             Ok(Msg::Stop) | Err(_) => break,
         }
-        while group.len() < MAX_WRITES_PER_COMMIT {
-            match queue.try_recv() {
-                Ok(Msg::Write(job)) => group.push(job),
-                Ok(Msg::Stop) => {
-                    stopping = true;
-                    break;
-                }
-                Err(_) => break,
-            }
+        stopping = take_queued(&queue, &mut group);
+        if !stopping && let Some(wait) = writing.gathering.delay(group.len(), writing.reads.any()) {
+            thread::sleep(wait);
+            let before = group.len();
+            stopping = take_queued(&queue, &mut group);
+            writing.gathering.gathered(group.len() - before);
         }
         let bytes: usize = group.iter().map(|job| job.bytes).sum();
         let rev = writing.rev;
@@ -291,6 +302,19 @@ fn run(mut writing: Writing, queue: Receiver<Msg>, queued: &QueuedBytes) {
     }
 }
 
+/// Moves what is queued into `group`, up to the most one commit holds; true if the writer was
+/// asked to stop.
+fn take_queued(queue: &Receiver<Msg>, group: &mut Vec<Job>) -> bool {
+    while group.len() < MAX_WRITES_PER_COMMIT {
+        match queue.try_recv() {
+            Ok(Msg::Write(job)) => group.push(job),
+            Ok(Msg::Stop) => return true,
+            Err(_) => break,
+        }
+    }
+    false
+}
+
 /// The writer thread's state: the only writing connection and the store-wide revision.
 struct Writing {
     store: Store,
@@ -305,6 +329,9 @@ struct Writing {
     compacting: Option<u64>,
     /// Tests only: each transaction waits up to this long before COMMIT.
     write_delay_ms: u64,
+    /// Reads in progress, and what recent groups were like: whether to wait for more writes.
+    reads: ReadsInProgress,
+    gathering: Gathering,
 }
 
 /// How the writer runs, from the settings.
@@ -367,6 +394,7 @@ impl Writing {
             if self.write_delay_ms > 0 {
                 thread::sleep(Duration::from_millis(jitter(self.write_delay_ms)));
             }
+            let committing = Instant::now();
             let finished = if self.rev == start_rev {
                 self.store.commit()
             } else {
@@ -374,6 +402,7 @@ impl Writing {
                     .set_revision(self.rev)
                     .and_then(|()| self.store.commit())
             };
+            let commit_took = committing.elapsed();
             if let Err(e) = finished {
                 let e = Error::from(e);
                 let _ = self.store.rollback();
@@ -415,6 +444,7 @@ impl Writing {
                     Err(e) => log::warn!("cannot read the database size: {e}"),
                 }
             }
+            self.gathering.committed(group.len(), commit_took);
             break (replies, collection_names(changed));
         };
         if self.rev != start_rev {
