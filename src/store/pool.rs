@@ -144,12 +144,17 @@ mod tests {
 
     /// A pool of one connection to a new SQLite database in `dir`.
     fn pool_of_one(dir: &tempfile::TempDir) -> Arc<Pool> {
+        pool_of_one_counting(dir, ReadsInProgress::default())
+    }
+
+    /// The same, counting its reads in `reads`.
+    fn pool_of_one_counting(dir: &tempfile::TempDir, reads: ReadsInProgress) -> Arc<Pool> {
         crate::store::sqlite::tests::store(dir);
         let db = Database::Sqlite {
             file: dir.path().join("kv.sqlite3"),
             sync: Sync::Full,
         };
-        Arc::new(Pool::open(&db, 1, Default::default()).unwrap())
+        Arc::new(Pool::open(&db, 1, reads).unwrap())
     }
 
     #[test]
@@ -176,13 +181,8 @@ mod tests {
     #[test]
     fn reads_in_progress_count_holders_and_waiters() {
         let dir = tempfile::tempdir().unwrap();
-        crate::store::sqlite::tests::store(&dir);
-        let db = Database::Sqlite {
-            file: dir.path().join("kv.sqlite3"),
-            sync: Sync::Full,
-        };
         let reads = ReadsInProgress::default();
-        let pool = Arc::new(Pool::open(&db, 1, reads.clone()).unwrap());
+        let pool = pool_of_one_counting(&dir, reads.clone());
         assert!(!reads.any());
         let held = pool.get();
         assert!(reads.any());

@@ -42,10 +42,11 @@ impl Gathering {
     /// How long to wait for more writes before committing a group that holds `group` writes, or
     /// `None` to commit it at once.
     pub(super) fn delay(&mut self, group: usize, reads_in_progress: bool) -> Option<Duration> {
-        if self.previous_group < 2 || !reads_in_progress || self.last_commit.is_zero() {
-            return None;
-        }
-        if group >= super::MAX_WRITES_PER_COMMIT {
+        if self.previous_group < 2
+            || !reads_in_progress
+            || self.last_commit.is_zero()
+            || group >= super::MAX_WRITES_PER_COMMIT
+        {
             return None;
         }
         if self.fruitless {
