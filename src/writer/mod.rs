@@ -273,13 +273,13 @@ fn run(mut writing: Writing, queue: Receiver<Msg>, queued: &QueuedBytes) {
             Ok(Msg::Write(job)) => group.push(job),
             Ok(Msg::Stop) | Err(_) => break,
         }
-        stopping = take_queued(&queue, &mut group);
-        if !stopping && let Some(wait) = writing.gathering.delay(group.len(), writing.reads.any()) {
-            thread::sleep(wait);
-            let before = group.len();
-            stopping = take_queued(&queue, &mut group);
-            writing.gathering.gathered(group.len() - before);
-        }
+        stopping = fill_group(
+            &queue,
+            &mut group,
+            &mut writing.gathering,
+            &writing.reads,
+            thread::sleep,
+        );
         let bytes: usize = group.iter().map(|job| job.bytes).sum();
         let rev = writing.rev;
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| writing.commit(&mut group))) {
@@ -300,6 +300,28 @@ fn run(mut writing: Writing, queue: Receiver<Msg>, queued: &QueuedBytes) {
         Ok(()) => log::info!("writer stopped, WAL checkpointed"),
         Err(e) => log::warn!("writer stopped, but the WAL checkpoint failed: {e}"),
     }
+}
+
+/// Moves what is queued into `group` and, when `gathering` says a wait can pay, waits (`sleep`)
+/// and takes what arrived meanwhile; true if the writer was asked to stop.
+fn fill_group(
+    queue: &Receiver<Msg>,
+    group: &mut Vec<Job>,
+    gathering: &mut Gathering,
+    reads: &ReadsInProgress,
+    sleep: impl FnOnce(Duration),
+) -> bool {
+    if take_queued(queue, group) {
+        return true;
+    }
+    let Some(wait) = gathering.delay(group.len(), reads.any()) else {
+        return false;
+    };
+    sleep(wait);
+    let before = group.len();
+    let stopping = take_queued(queue, group);
+    gathering.gathered(group.len() - before);
+    stopping
 }
 
 /// Moves what is queued into `group`, up to the most one commit holds; true if the writer was
@@ -532,6 +554,96 @@ mod tests {
         )
         .unwrap();
         (writer, reader)
+    }
+
+    /// A queue holding `writes` writes, the writer's way into it, and a group with its first.
+    fn queued(writes: usize) -> (Sender<Msg>, Receiver<Msg>, Vec<Job>) {
+        let (tx, rx) = channel();
+        for i in 0..writes {
+            let _ = tx.send(job(&format!("k{i}")));
+        }
+        let first = match rx.recv().unwrap() {
+            Msg::Write(job) => job,
+            Msg::Stop => unreachable!(),
+        };
+        (tx, rx, vec![first])
+    }
+
+    fn job(key: &str) -> Msg {
+        Msg::Write(Job {
+            op: put(key, "1"),
+            bytes: 1,
+            done: Box::new(|_| {}),
+        })
+    }
+
+    /// Reads in progress, counted by a real pool: `n` of its connections held.
+    fn reading(dir: &tempfile::TempDir, n: usize, run: impl FnOnce(&ReadsInProgress)) {
+        let db = crate::store::Database::Sqlite {
+            file: dir.path().join("kv.sqlite3"),
+            sync: Sync::Normal,
+        };
+        let reads = ReadsInProgress::default();
+        let pool = crate::store::Pool::open(&db, 1, reads.clone()).unwrap();
+        let held: Vec<_> = (0..n).map(|_| pool.get()).collect();
+        run(&reads);
+        drop(held);
+    }
+
+    #[test]
+    fn a_group_waits_for_writes_only_while_clients_are_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::store::sqlite::tests::store(&dir);
+        let mut gathering = Gathering::default();
+        gathering.committed(3, Duration::from_micros(300));
+        reading(&dir, 1, |reads| {
+            let (tx, rx, mut group) = queued(2);
+            let mut slept = None;
+            let stopping = fill_group(&rx, &mut group, &mut gathering, reads, |wait| {
+                slept = Some(wait);
+                let _ = tx.send(job("late"));
+            });
+            assert!(!stopping);
+            assert_eq!(slept, Some(Duration::from_micros(600)));
+            assert_eq!(
+                group.len(),
+                3,
+                "the write sent during the wait joined the group"
+            );
+            // A wait that gathers nothing stops the next one.
+            let (_tx, rx, mut group) = queued(1);
+            fill_group(&rx, &mut group, &mut gathering, reads, |_| {});
+            let (_tx, rx, mut group) = queued(1);
+            fill_group(&rx, &mut group, &mut gathering, reads, |_| {
+                panic!("waited after a fruitless wait")
+            });
+        });
+        reading(&dir, 0, |reads| {
+            let mut gathering = Gathering::default();
+            gathering.committed(3, Duration::from_micros(300));
+            let (_tx, rx, mut group) = queued(2);
+            fill_group(&rx, &mut group, &mut gathering, reads, |_| {
+                panic!("waited with no read in progress")
+            });
+            assert_eq!(group.len(), 2, "what was queued");
+        });
+    }
+
+    #[test]
+    fn a_stop_that_arrives_during_the_wait_ends_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::store::sqlite::tests::store(&dir);
+        let mut gathering = Gathering::default();
+        gathering.committed(3, Duration::from_micros(300));
+        reading(&dir, 1, |reads| {
+            let (tx, rx, mut group) = queued(1);
+            let stopping = fill_group(&rx, &mut group, &mut gathering, reads, |_| {
+                let _ = tx.send(job("late"));
+                let _ = tx.send(Msg::Stop);
+            });
+            assert!(stopping);
+            assert_eq!(group.len(), 2, "the write before the stop is in the group");
+        });
     }
 
     fn put(key: &str, value: &str) -> Op {
