@@ -292,12 +292,23 @@ impl Store {
         }
     }
 
-    /// SQLite: copies what it can of the WAL into the database file. Nothing elsewhere.
-    pub fn checkpoint_passive(&self) -> Result<(), DbError> {
+    /// SQLite: copies what it can of the WAL into the database file, and returns how many frames
+    /// the WAL holds. Nothing elsewhere (0).
+    pub fn checkpoint_passive(&self) -> Result<u64, DbError> {
         match self {
             Store::Sqlite(s) => Ok(s.checkpoint_passive()?),
             #[cfg(feature = "postgres")]
-            Store::Postgres(_) => Ok(()),
+            Store::Postgres(_) => Ok(0),
+        }
+    }
+
+    /// SQLite: whether every commit syncs the WAL (see `Sqlite::syncs_wal_at_commit`). Elsewhere
+    /// there is no WAL of kv's to checkpoint: true.
+    pub fn syncs_wal_at_commit(&self) -> bool {
+        match self {
+            Store::Sqlite(s) => s.syncs_wal_at_commit(),
+            #[cfg(feature = "postgres")]
+            Store::Postgres(_) => true,
         }
     }
 

@@ -33,12 +33,26 @@ impl Periodic {
         interval: Duration,
         mut task: impl FnMut(&AtomicBool) + Send + 'static,
     ) -> std::io::Result<Periodic> {
+        Periodic::paced(name, interval, move |stopping| {
+            task(stopping);
+            interval
+        })
+    }
+
+    /// Like `start`, but each run of the task says how long to wait before the next; the first
+    /// run comes after `first`.
+    pub(super) fn paced(
+        name: &str,
+        first: Duration,
+        mut task: impl FnMut(&AtomicBool) -> Duration + Send + 'static,
+    ) -> std::io::Result<Periodic> {
         let (stop, stopped) = channel::<()>();
         let stopping = Arc::new(AtomicBool::new(false));
         let flag = stopping.clone();
         let thread = thread::Builder::new().name(name.into()).spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                task(&flag);
+            let mut wait = first;
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(wait) {
+                wait = task(&flag);
             }
         })?;
         Ok(Periodic {
@@ -135,5 +149,35 @@ impl Poller {
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    #[test]
+    fn a_paced_task_waits_as_long_as_its_last_run_asked() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let periodic = Periodic::paced("kv-test-paced", Duration::from_millis(1), move |_| {
+            if counted.fetch_add(1, Ordering::SeqCst) + 1 < 3 {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_secs(3600)
+            }
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.load(Ordering::SeqCst) < 3 {
+            assert!(Instant::now() < deadline, "the task ran {runs:?} times");
+            thread::sleep(Duration::from_millis(1));
+        }
+        // Long enough for dozens of runs, had the hour asked for been ignored.
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        periodic.stop();
     }
 }

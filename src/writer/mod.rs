@@ -17,7 +17,8 @@
 //! grew to 979 MB in 8 s of PUTs). So the writer still checkpoints by itself once the WAL holds
 //! `WRITER_CHECKPOINT_PAGES`; by then the checkpointer has copied most of it, and the writer's
 //! checkpoint finishes the tail so that the WAL starts over. Measured at 10M objects (bench/scale.sh):
-//! PUT p99 349 ms with SQLite's default, 60 ms with this, and the WAL stays under ~20 MB.
+//! PUT p99 349 ms with SQLite's default, 60 ms with this, and the WAL stays under ~20 MB. How often
+//! the checkpointer runs: `checkpoints.rs`.
 
 use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -34,6 +35,7 @@ use crate::watch::Watch;
 
 mod apply;
 mod background;
+mod checkpoints;
 mod gather;
 mod op;
 mod retry;
@@ -41,6 +43,7 @@ mod retry;
 pub use op::{Cond, Done, ImportLine, Op, Outcome, Reply, Tags};
 
 use background::{Periodic, Poller, maintain, purge_interval, sweep};
+use checkpoints::{CHECKPOINT_INTERVAL, Pace};
 use gather::Gathering;
 use retry::{Retries, jitter};
 
@@ -49,8 +52,6 @@ const MAX_WRITES_PER_COMMIT: usize = 1024;
 /// How often a PostgreSQL node looks for commits made through other nodes (the most a long-poll
 /// on this node waits for one).
 const POLL_INTERVAL_MS: u64 = 50;
-/// How often the checkpointer copies newly committed pages into the database file.
-const CHECKPOINT_INTERVAL_MS: u64 = 100;
 /// WAL pages (4 KiB) after which the writer completes a checkpoint itself, so the WAL starts over.
 const WRITER_CHECKPOINT_PAGES: u32 = 4096;
 /// A WAL file larger than this is truncated when it starts over.
@@ -140,22 +141,17 @@ impl Writer {
         // node's waiters on commits made through other nodes (kv does not depend on LISTEN, which
         // PostgreSQL-compatible engines lack).
         let companion = if store.is_sqlite() {
-            let checkpoints = store
+            let own_connection = store
                 .reopen()
                 .and_then(|c| {
                     store.limit_wal(WRITER_CHECKPOINT_PAGES, MAX_IDLE_WAL_BYTES)?;
                     Ok(c)
                 })
                 .map_err(std::io::Error::other)?;
-            Periodic::start(
-                "kv-checkpoint",
-                Duration::from_millis(CHECKPOINT_INTERVAL_MS),
-                move |_| {
-                    if let Err(e) = checkpoints.checkpoint_passive() {
-                        log::warn!("WAL checkpoint failed (it is retried): {e}");
-                    }
-                },
-            )?
+            let mut pace = Pace::new(own_connection.syncs_wal_at_commit(), Instant::now());
+            Periodic::paced("kv-checkpoint", CHECKPOINT_INTERVAL, move |_| {
+                checkpoints::pass(&own_connection, &mut pace)
+            })?
         } else {
             let polls = store.reopen().map_err(std::io::Error::other)?;
             let mut poller = Poller::new(polls, watch.clone(), rev);

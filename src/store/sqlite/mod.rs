@@ -175,10 +175,19 @@ impl Sqlite {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
     }
 
-    /// Copies what it can of the WAL into the database file without waiting for anyone.
-    pub fn checkpoint_passive(&self) -> Result<(), rusqlite::Error> {
+    /// Copies what it can of the WAL into the database file without waiting for anyone; returns
+    /// how many frames (pages) the WAL holds since it last started over.
+    pub fn checkpoint_passive(&self) -> Result<u64, rusqlite::Error> {
         self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                // -1 when the database is not in WAL mode, which kv never leaves.
+                row.get::<_, i64>(1).map(|frames| frames.max(0) as u64)
+            })
+    }
+
+    /// Whether every commit syncs the WAL (`KV_SYNC=full`), so a checkpoint never has to.
+    pub fn syncs_wal_at_commit(&self) -> bool {
+        self.sync == Sync::Full
     }
 
     /// Makes this connection checkpoint by itself only once the WAL holds `pages` pages, and
