@@ -132,15 +132,22 @@ mod tests {
             CHECKPOINT_INTERVAL,
             "no time and no frames"
         );
+    }
+
+    #[test]
+    fn the_pace_follows_the_rate_both_ways() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(false, t0);
+        assert_eq!(pace.after(400, t0 + 100 * MS), CHECKPOINT_INTERVAL);
         assert_eq!(
-            pace.after(4000, t0 + 400 * MS),
+            pace.after(4400, t0 + 200 * MS),
             BUSY_CHECKPOINT_INTERVAL,
             "40,000 frames per second"
         );
         assert_eq!(
-            pace.after(4010, t0 + 410 * MS),
+            pace.after(4410, t0 + 210 * MS),
             CHECKPOINT_INTERVAL,
-            "then 1,000: slow again"
+            "then 1,000"
         );
     }
 
