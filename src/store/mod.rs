@@ -27,6 +27,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Sync;
 pub use error::DbError;
+#[cfg(test)]
+pub(crate) use pool::tests::pool_of_one_counting;
 pub use pool::{Pool, ReadsInProgress};
 pub use sqlite::Sqlite;
 

@@ -19,8 +19,9 @@ pub struct Pool {
     reads: ReadsInProgress,
 }
 
-/// How many reads hold a pooled connection right now. The writer looks at it to tell whether
-/// clients are busy with something other than waiting for their writes (see `writer/gather.rs`).
+/// How many reads hold a pooled connection, or wait for one, right now. The writer looks at it to
+/// tell whether clients are busy with something other than waiting for their writes (see
+/// `writer/gather.rs`).
 #[derive(Clone, Default)]
 pub struct ReadsInProgress(Arc<AtomicUsize>);
 
@@ -137,7 +138,7 @@ impl Drop for Pooled<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Sync;
     use std::time::Duration;
@@ -148,7 +149,10 @@ mod tests {
     }
 
     /// The same, counting its reads in `reads`.
-    fn pool_of_one_counting(dir: &tempfile::TempDir, reads: ReadsInProgress) -> Arc<Pool> {
+    pub(crate) fn pool_of_one_counting(
+        dir: &tempfile::TempDir,
+        reads: ReadsInProgress,
+    ) -> Arc<Pool> {
         crate::store::sqlite::tests::store(dir);
         let db = Database::Sqlite {
             file: dir.path().join("kv.sqlite3"),
@@ -191,6 +195,7 @@ mod tests {
         while pool.state.lock().unwrap().waiting.is_empty() {
             std::thread::sleep(Duration::from_millis(1));
         }
+        assert_eq!(reads.0.load(Ordering::Relaxed), 2, "one holds, one waits");
         drop(held);
         t.join().unwrap();
         assert_eq!(reads.0.load(Ordering::Relaxed), 0, "every read ended");
