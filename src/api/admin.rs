@@ -28,7 +28,7 @@ pub(super) fn metrics(ctx: &Ctx<'_>) -> Result<Resp, Error> {
         wal_bytes: stats.wal_bytes,
         revision: stats.revision,
         change_waiters: ctx.watch.waiters(),
-        used_bytes: store.used_bytes()?,
+        used_bytes: stats.used_bytes,
         max_bytes: ctx.space.max(),
         writes_refused: ctx.space.refusal(),
     };

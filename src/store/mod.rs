@@ -163,6 +163,8 @@ pub struct Stats {
     pub collections: u64,
     pub database_bytes: u64,
     pub wal_bytes: u64,
+    /// What `used_bytes` answers, read in the same snapshot.
+    pub used_bytes: u64,
     pub revision: u64,
 }
 

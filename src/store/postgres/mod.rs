@@ -448,14 +448,16 @@ impl Postgres {
     pub fn stats(&self) -> Result<Stats, postgres::Error> {
         self.begin_read()?;
         let stats = (|| {
+            let database_bytes = self.used_bytes()?;
             Ok(Stats {
                 objects: self.object_count()?,
                 collections: count(
                     self.query_one("SELECT count(*) FROM collections WHERE count > 0", &[])?
                         .get(0),
                 ),
-                database_bytes: self.used_bytes()?,
+                database_bytes,
                 wal_bytes: 0,
+                used_bytes: database_bytes,
                 revision: self.revision()?,
             })
         })();

@@ -101,6 +101,7 @@ impl Sqlite {
                 )?,
                 database_bytes: file(""),
                 wal_bytes: file("-wal"),
+                used_bytes: s.used_bytes()?,
                 revision: s.revision()?,
             })
         })
