@@ -52,7 +52,8 @@ pub struct Pooled<'a> {
 }
 
 impl Pool {
-    /// Opens `size` read connections to the database; `reads` counts the reads that hold one.
+    /// Opens `size` read connections to the database; `reads` counts the reads that hold one or
+    /// wait for one.
     pub fn open(db: &Database, size: usize, reads: ReadsInProgress) -> Result<Pool, DbError> {
         let idle = (0..size)
             .map(|_| Store::open(db))
